@@ -1,0 +1,77 @@
+"""Action-unit strings as databases write them, parsed to AU numbers and multi-hot vectors.
+
+Real sheets write AUs as ``4+7``, ``R12`` / ``L1+2`` / ``A1+2`` / ``T18`` / ``B4`` (side or
+position prefixes), ``4,7``, ``12(k)`` (static AU, 4DME), intensity letters ``7B``, ``4A/B``,
+``L12C``, ``ref(24)``, plain integers (``12`` or ``12.0`` read by pandas), ``?`` and free text
+(``soft focus``). The raw string is always kept; tokens that are not AUs are reported, never
+silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# The 12 AUs of FED-PsyAU's graph, in node order.
+PSYAU_AUS: tuple[int, ...] = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17)
+
+_SPLIT = re.compile(r"[+,;&/]|\s+and\s+|\s+")
+# optional side/position prefix, the AU number, optional intensity letters, optional "(k)"-like tag
+_TOKEN = re.compile(r"^(?:[LRABT]|AU)?(\d{1,2})(?:[A-E](?:/[A-E])?)?(?:\([A-Za-z]+\))?$", re.I)
+_REF = re.compile(r"^ref\((\d{1,2})\)$", re.I)
+_INTENSITY_SLASH = re.compile(r"(\d)([A-E])/([A-E])", re.I)
+
+
+@dataclass
+class ParsedAUs:
+    """Result of parsing one AU string: the AUs found, in order, and the tokens not understood."""
+
+    raw: str
+    aus: tuple[int, ...]
+    unknown: tuple[str, ...] = field(default=())
+
+
+def parse_au_string(value: object) -> ParsedAUs:
+    """Parse one AU cell. ``value`` may be a string, an int, a float (pandas) or missing.
+
+    >>> parse_au_string("L1+2+R12B").aus
+    (1, 2, 12)
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ParsedAUs("", ())
+    if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer()):
+        return ParsedAUs(str(int(value)), (int(value),))
+    raw = str(value).strip()
+    text = _INTENSITY_SLASH.sub(r"\1\2", raw)  # "4A/B" -> "4A": the slash is not a separator there
+    aus: list[int] = []
+    unknown: list[str] = []
+    for token in _SPLIT.split(text):
+        token = token.strip().strip("'\"").rstrip(".")
+        if not token or token == "?":
+            if token == "?":
+                unknown.append(token)
+            continue
+        m = _TOKEN.match(token) or _REF.match(token)
+        if m:
+            au = int(m.group(1))
+            if au not in aus:
+                aus.append(au)
+        else:
+            unknown.append(token)
+    # Free text like "soft focus" splits into words; report it once, as written.
+    if unknown and not aus and all(not any(c.isdigit() for c in t) for t in unknown):
+        unknown = [raw]
+    return ParsedAUs(raw, tuple(aus), tuple(unknown))
+
+
+def multi_hot(aus: tuple[int, ...] | list[int], au_list: tuple[int, ...] = PSYAU_AUS) -> np.ndarray:
+    """(len(au_list),) float32 vector with 1 where the AU is present; AUs outside the list ignored."""
+    index = {au: i for i, au in enumerate(au_list)}
+    v = np.zeros(len(au_list), dtype=np.float32)
+    for au in aus:
+        if au in index:
+            v[index[au]] = 1.0
+    return v

@@ -1,0 +1,83 @@
+"""LightningDataModule over in-memory flow samples for one split (a LOSO fold, a client...)."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from mer.data.samples import FlowSamples
+
+
+class TensorBatches(Dataset):
+    """Indexed by a *list* of positions, returns a whole batch ``(x[idx], y[idx])`` at once.
+
+    Used with ``batch_size=None`` and a ``BatchSampler``: one tensor gather per batch instead of
+    a Python call and a collate per sample.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(index, dtype=torch.long)
+        return self.x[idx], self.y[idx]
+
+
+def batch_loader(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0
+) -> DataLoader:
+    """A DataLoader of whole batches over in-memory tensors (x (N, C, H, W), y (N,))."""
+    data = TensorBatches(x, y)
+    if shuffle:
+        base = RandomSampler(data, generator=torch.Generator().manual_seed(seed))
+    else:
+        base = SequentialSampler(data)
+    return DataLoader(data, sampler=BatchSampler(base, batch_size, drop_last=False),
+                      batch_size=None)
+
+
+class SplitDataModule(L.LightningDataModule):
+    """Train / validation / test positions into one :class:`FlowSamples`.
+
+    Args:
+        samples: all samples (x (N, C, H, W) float32).
+        train_idx, val_idx, test_idx: int positions; val may be empty.
+        batch_size: batch size for every loader.
+        shuffle: shuffle training batches (seeded); the STSTNet reference does not.
+    """
+
+    def __init__(
+        self, samples: FlowSamples, train_idx: np.ndarray, test_idx: np.ndarray,
+        val_idx: np.ndarray | None = None, batch_size: int = 64, shuffle: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.x = torch.from_numpy(np.ascontiguousarray(samples.x, dtype=np.float32))
+        self.y = torch.from_numpy(samples.labels)
+        self.train_idx = np.asarray(train_idx)
+        self.val_idx = np.asarray(val_idx if val_idx is not None else [], dtype=np.int64)
+        self.test_idx = np.asarray(test_idx)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        if len(self.train_idx) == 0:
+            raise ValueError("empty training split: no training sample left for this fold")
+
+    def _loader(self, idx: np.ndarray, shuffle: bool) -> DataLoader:
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return batch_loader(self.x[t], self.y[t], self.batch_size, shuffle, self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_idx, self.shuffle)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_idx, False) if len(self.val_idx) else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_idx, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_idx, False)

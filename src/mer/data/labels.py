@@ -1,0 +1,137 @@
+"""Label schemes: how a database's own emotion words become class indices.
+
+Each scheme maps (family, emotion) -> class name, or ``None`` for a sample excluded on purpose,
+with the reason. ``family`` is the kind of database a table comes from (``casme2``, ``samm``,
+``smic``, ...); SynME databases declare the family they imitate.
+
+Schemes:
+- ``composite``: MEGC2019 composite, 3 classes. positive = happiness; surprise = surprise;
+  negative = anger, contempt, disgust, fear, sadness (SAMM) and disgust, repression (CASME II);
+  SMIC labels as they are. Standard exclusions: CASME II fear, sadness and others (too few
+  samples, or no emotion), SAMM Other.
+- ``casme2_5class``: happiness, disgust, surprise, repression, others (CASME II's usual 5).
+- ``emotion``: the database's own emotion words, classes sorted alphabetically.
+- ``objective``: objective classes I-VII from the AU combination (SAMM, CAS(ME)^3).
+- a ``dict`` given in config: ``{emotion: class}``; emotions absent from it are excluded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pandas as pd
+
+COMPOSITE_CLASSES = ["negative", "positive", "surprise"]
+_COMPOSITE_MAP = {
+    "happiness": "positive", "positive": "positive",
+    "surprise": "surprise",
+    "negative": "negative", "anger": "negative", "contempt": "negative", "disgust": "negative",
+    "fear": "negative", "sadness": "negative", "repression": "negative",
+}
+# Emotions the MEGC2019 composite leaves out, per database family.
+COMPOSITE_EXCLUSIONS: dict[str, set[str]] = {
+    "casme2": {"fear", "sadness", "others"},
+    "samm": {"other"},
+}
+CASME2_5CLASS = ["disgust", "happiness", "others", "repression", "surprise"]
+
+# Objective classes by AU combination (mer-facts §3), tested in order I..VI, else VII.
+OBJECTIVE_CLASSES = ["I", "II", "III", "IV", "V", "VI", "VII"]
+_OBJECTIVE_COMBOS: dict[str, list[frozenset[int]]] = {
+    "I": [frozenset(s) for s in ({6}, {12}, {6, 12}, {6, 7, 12}, {7, 12})],
+    "II": [frozenset(s) for s in ({1, 2}, {5}, {25}, {1, 2, 25}, {25, 26}, {5, 24})],
+    "III": [frozenset(s) for s in ({23}, {4}, {4, 7}, {4, 5}, {4, 5, 7}, {17, 24}, {4, 6, 7},
+                                   {4, 38})],
+    "IV": [frozenset(s) for s in ({10}, {9}, {4, 9}, {4, 40}, {4, 5, 40}, {4, 7, 9}, {4, 9, 17},
+                                  {4, 7, 10}, {4, 5, 7, 9}, {7, 10})],
+    "V": [frozenset(s) for s in ({1}, {15}, {1, 4}, {6, 15}, {15, 17})],
+    "VI": [frozenset(s) for s in ({1, 2, 4}, {20})],
+}
+
+
+class LabelError(ValueError):
+    """An emotion the chosen scheme does not know."""
+
+
+def objective_class(aus: tuple[int, ...]) -> str:
+    """Objective class (I..VII) of an AU combination: exact match of the AU set, else VII."""
+    s = frozenset(aus)
+    for name, combos in _OBJECTIVE_COMBOS.items():
+        if s in combos:
+            return name
+    return "VII"
+
+
+def _composite(family: str, emotion: str) -> tuple[str | None, str]:
+    if emotion in COMPOSITE_EXCLUSIONS.get(family, set()) or emotion in ("others", "other"):
+        return None, f"MEGC2019 composite excludes '{emotion}' for {family}"
+    if emotion not in _COMPOSITE_MAP:
+        raise LabelError(f"composite scheme: unknown emotion '{emotion}'")
+    return _COMPOSITE_MAP[emotion], ""
+
+
+def apply_label_scheme(
+    table: pd.DataFrame, scheme: str | Mapping[str, str], family: str | Mapping[str, str]
+) -> tuple[pd.DataFrame, list[str], list[dict]]:
+    """Label a sample table.
+
+    Args:
+        table: sample table (see ``mer.data.samples``) with ``database, subject, clip, emotion,
+            aus, row``.
+        scheme: a scheme name (module docstring) or an ``{emotion: class}`` mapping.
+        family: the database family, or ``{database: family}``.
+
+    Returns:
+        (kept rows with an int ``label`` column, class names, excluded samples with reasons).
+
+    Raises:
+        LabelError naming the database, row and emotion when an emotion is not in the scheme.
+    """
+    families = family if isinstance(family, Mapping) else None
+    rows, labels, excluded = [], [], []
+    if isinstance(scheme, Mapping):
+        classes = sorted(set(scheme.values()))
+    elif scheme == "composite":
+        classes = COMPOSITE_CLASSES
+    elif scheme == "casme2_5class":
+        classes = CASME2_5CLASS
+    elif scheme == "objective":
+        classes = OBJECTIVE_CLASSES
+    elif scheme == "emotion":
+        classes = sorted(set(table["emotion"]))
+    else:
+        raise LabelError(
+            f"unknown label scheme '{scheme}': use composite, casme2_5class, emotion, objective "
+            "or a mapping {emotion: class}"
+        )
+    for pos, r in enumerate(table.itertuples(index=False)):
+        fam = families[r.database] if families is not None else family
+        emotion = str(r.emotion).strip().lower()
+        reason = ""
+        try:
+            if isinstance(scheme, Mapping):
+                name = scheme.get(emotion)
+                reason = "" if name else f"emotion '{emotion}' not in the configured mapping"
+            elif scheme == "composite":
+                name, reason = _composite(fam, emotion)
+            elif scheme == "casme2_5class":
+                name = emotion if emotion in CASME2_5CLASS else None
+                reason = "" if name else f"'{emotion}' is not one of the CASME II 5 classes"
+            elif scheme == "objective":
+                name = objective_class(tuple(r.aus))
+            else:
+                name = emotion
+        except LabelError as e:
+            raise LabelError(
+                f"{r.database}, sheet row {r.row} (subject {r.subject}, clip {r.clip}): {e}. "
+                "Fix the sheet, or pass a mapping in data.label_scheme."
+            ) from None
+        if name is None:
+            excluded.append({"database": r.database, "subject": r.subject, "clip": r.clip,
+                             "reason": reason})
+            continue
+        rows.append(pos)
+        labels.append(classes.index(name))
+    kept = table.iloc[rows].copy().reset_index(drop=True)
+    kept["label"] = labels
+    return kept, list(classes), excluded

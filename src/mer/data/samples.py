@@ -1,0 +1,91 @@
+"""The two tables that flow through mer.
+
+1. A **sample table** (``pandas.DataFrame``) is what a database reader yields, one row per clip:
+
+   ========== =========================================================================
+   column     meaning
+   ========== =========================================================================
+   database   database name (``casme2``, ``samm``, ``synA`` ...)
+   subject    subject id as the database writes it (``sub01``, ``006``, ``s3``)
+   clip       clip / filename id (``EP02_01f``)
+   onset      onset frame number (int)
+   apex       apex frame number (int, or -1 when the database gives none)
+   offset     offset frame number (int, or -1)
+   frame_dir  folder holding the clip's frames
+   onset_path path of the onset frame image
+   apex_path  path of the apex frame image ("" when apex is unknown)
+   au_raw     the AU string exactly as in the sheet
+   aus        tuple of AU numbers parsed from ``au_raw``
+   emotion    the database's own emotion word, lower-case
+   fps        frame rate
+   row        1-based row of the annotation sheet (for error messages)
+   ========== =========================================================================
+
+2. :class:`FlowSamples` is what models consume: one onset->apex flow image per sample plus the
+   metadata and labels, and the list of samples excluded on purpose with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+SAMPLE_COLUMNS = [
+    "database", "subject", "clip", "onset", "apex", "offset", "frame_dir", "onset_path",
+    "apex_path", "au_raw", "aus", "emotion", "fps", "row",
+]
+
+
+def subject_key(database: str, subject: str) -> str:
+    """Globally unique subject id: subjects of different databases are different people."""
+    return f"{database}/{subject}"
+
+
+@dataclass
+class FlowSamples:
+    """Model-ready samples.
+
+    Attributes:
+        x: (N, C, H, W) float32; C = 3 channels u, v, optical strain, each min-max normalised
+           to [0, 1] per sample (the field's convention); H = W = 28 by default.
+        meta: N rows with at least ``database, subject, clip, label`` (label an int class index)
+              and ``subject_key``; ``emotion`` when known.
+        class_names: class index -> name.
+        excluded: samples left out on purpose, each ``{"database", "subject", "clip", "reason"}``.
+        synthetic: True when the samples come from SynME.
+        provenance: where the samples come from (paths, config fingerprints), for results.json.
+    """
+
+    x: np.ndarray
+    meta: pd.DataFrame
+    class_names: list[str]
+    excluded: list[dict] = field(default_factory=list)
+    synthetic: bool = False
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.meta):
+            raise ValueError(f"FlowSamples: {len(self.x)} flow images but {len(self.meta)} rows")
+        self.meta = self.meta.reset_index(drop=True)
+        if "subject_key" not in self.meta:
+            self.meta["subject_key"] = [
+                subject_key(d, s) for d, s in zip(self.meta["database"], self.meta["subject"])
+            ]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(N,) int64 class indices."""
+        return self.meta["label"].to_numpy(dtype=np.int64)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def subset(self, index: np.ndarray) -> FlowSamples:
+        """The samples at ``index`` (int positions), same classes."""
+        return FlowSamples(
+            self.x[index], self.meta.iloc[index].reset_index(drop=True), self.class_names,
+            self.excluded, self.synthetic, self.provenance,
+        )

@@ -1,0 +1,77 @@
+"""The base LightningModule: one network, its loss, metrics and optimiser."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mer.engine.metrics import recognition_metrics
+
+
+class MERModule(L.LightningModule):
+    """Emotion classification of flow images with cross-entropy.
+
+    Batches are ``(x, y)`` with x (B, C, H, W) float and y (B,) int64. ``predict_step`` returns
+    class probabilities (B, K). Subclasses with extra heads or losses override
+    :meth:`compute_loss`.
+    """
+
+    def __init__(
+        self, net: nn.Module, num_classes: int, lr: float = 1e-3, weight_decay: float = 0.0,
+        optimizer: str = "adam", class_names: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.num_classes = num_classes
+        self.lr, self.weight_decay, self.optimizer_name = lr, weight_decay, optimizer
+        self.class_names = class_names or [str(i) for i in range(num_classes)]
+        self._val_preds: list[torch.Tensor] = []
+        self._val_true: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def compute_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) for a batch."""
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits, y), logits
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss, _ = self.compute_loss(batch)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch[1]))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss, logits = self.compute_loss(batch)
+        self.log("val_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch[1]))
+        self._val_preds.append(logits.argmax(1).cpu())
+        self._val_true.append(batch[1].cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_true:
+            return
+        m = recognition_metrics(
+            torch.cat(self._val_true).numpy(), torch.cat(self._val_preds).numpy(),
+            self.class_names,
+        )
+        self.log_dict({"val_uf1": m["uf1"], "val_uar": m["uar"]})
+        self._val_preds.clear()
+        self._val_true.clear()
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return torch.softmax(self(x), dim=1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = self.parameters()
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9,
+                                   weight_decay=self.weight_decay)
+        raise ValueError(f"unknown optimizer '{self.optimizer_name}': adam, adamw or sgd")

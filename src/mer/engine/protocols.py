@@ -1,0 +1,286 @@
+"""Evaluation protocols: folds, per-fold training in parallel worker processes, pooled results.
+
+LOSO (leave one subject out) over one database or a composite: one fold per subject (subjects
+of different databases are different people), every fold trains a fresh model on the other
+subjects with a fixed schedule (the last epoch), or selects its epoch on validation subjects
+carved from the *training* subjects; the test subject is never looked at before prediction.
+Predictions are pooled over folds and scored once (MEGC2019).
+
+Folds run in a pool of worker processes sized to the machine: tiny ME networks use one core
+badly, so ``workers`` processes with ``cores // workers`` threads each beat one process with all
+cores. Results do not depend on the worker count (each fold seeds itself from its index).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+
+from mer.data.samples import FlowSamples
+
+log = logging.getLogger(__name__)
+
+
+class ProtocolError(ValueError):
+    """A split that cannot be evaluated honestly (empty fold, subject on both sides...)."""
+
+
+@dataclass
+class Fold:
+    """One split. Positions index into the FlowSamples the folds were made from."""
+
+    index: int
+    name: str
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    val_idx: np.ndarray
+
+
+def check_split(samples: FlowSamples, fold: Fold) -> None:
+    """Raise ProtocolError if a subject is on two sides of the split or a side is empty."""
+    keys = samples.meta["subject_key"].to_numpy()
+    sides = {"train": fold.train_idx, "validation": fold.val_idx, "test": fold.test_idx}
+    for name in ("train", "test"):
+        if len(sides[name]) == 0:
+            raise ProtocolError(f"fold '{fold.name}': empty {name} split")
+    seen: dict[str, str] = {}
+    for side, idx in sides.items():
+        for key in set(keys[idx]):
+            if key in seen and seen[key] != side:
+                raise ProtocolError(
+                    f"fold '{fold.name}': subject {key} is in both {seen[key]} and {side}"
+                )
+            seen[key] = side
+
+
+def loso_folds(samples: FlowSamples, val_subjects: float = 0.0, seed: int = 0) -> list[Fold]:
+    """One fold per subject key, in sorted order.
+
+    Args:
+        val_subjects: 0 for a fixed schedule; a fraction (0, 1) or a count >= 1 of the training
+            subjects held out of training for model selection, drawn per fold with ``seed``.
+    """
+    keys = samples.meta["subject_key"].to_numpy()
+    subjects = sorted(set(keys))
+    if len(subjects) < 2:
+        raise ProtocolError(f"LOSO needs at least 2 subjects, found {len(subjects)}")
+    folds = []
+    for i, test_subject in enumerate(subjects):
+        test_idx = np.flatnonzero(keys == test_subject)
+        rest = [s for s in subjects if s != test_subject]
+        n_val = int(round(val_subjects * len(rest))) if val_subjects < 1 else int(val_subjects)
+        n_val = min(n_val, len(rest) - 1)
+        val_set = set(np.random.default_rng([seed, i]).choice(rest, n_val, replace=False)) \
+            if n_val > 0 else set()
+        train_idx = np.flatnonzero((keys != test_subject) & ~np.isin(keys, list(val_set)))
+        val_idx = np.flatnonzero(np.isin(keys, list(val_set)))
+        fold = Fold(i, test_subject, train_idx, test_idx, val_idx)
+        check_split(samples, fold)
+        folds.append(fold)
+    return folds
+
+
+# ---------------------------------------------------------------------------------------------
+# Training one fold (runs in a worker process or in-process)
+
+
+def train_fold(samples: FlowSamples, fold: Fold, spec: dict, events=None) -> dict:
+    """Train a fresh model on ``fold.train_idx`` and predict ``fold.test_idx``.
+
+    Args:
+        spec: plain dict with keys ``model`` ({name, lr, weight_decay, optimizer, kwargs}),
+            ``trainer`` (kwargs for lightning.Trainer, incl. max_epochs), ``batch_size``,
+            ``shuffle``, ``seed``, ``select`` ("last" or "val_uf1"), ``log_dir``.
+        events: optional queue receiving ("epoch", fold name, epoch, max_epochs) tuples.
+
+    Returns:
+        {"fold", "probs" (n_test, K) float32, "seconds", "epochs"}.
+    """
+    import lightning as L
+    import torch
+
+    from mer.data.datamodule import SplitDataModule
+    from mer.engine.module import MERModule
+    from mer.models.registry import create_model
+
+    start = time.perf_counter()
+    seed = int(spec["seed"]) + fold.index
+    L.seed_everything(seed, workers=True, verbose=False)
+    m = spec["model"]
+    net = create_model(m["name"], num_classes=samples.num_classes,
+                       in_channels=samples.x.shape[1], **m.get("kwargs", {}))
+    module = MERModule(net, samples.num_classes, lr=m["lr"], weight_decay=m["weight_decay"],
+                       optimizer=m["optimizer"], class_names=samples.class_names)
+    dm = SplitDataModule(samples, fold.train_idx, fold.test_idx, fold.val_idx,
+                         batch_size=spec["batch_size"], shuffle=spec["shuffle"], seed=seed)
+    callbacks: list = []
+    if events is not None:
+        callbacks.append(_EpochEvents(events, fold.name))
+    select_best = spec.get("select", "last") != "last" and len(fold.val_idx) > 0
+    if select_best:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(
+            dirpath=Path(spec["log_dir"]) / "checkpoints" / _safe(fold.name),
+            monitor=spec["select"], mode="min" if spec["select"].endswith("loss") else "max",
+        ))
+    loggers = []
+    if spec.get("log_dir"):
+        from lightning.pytorch.loggers import CSVLogger
+
+        loggers.append(CSVLogger(spec["log_dir"], name="folds", version=_safe(fold.name)))
+    trainer_kwargs = dict(spec["trainer"])
+    trainer_kwargs.setdefault("num_sanity_val_steps", 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
+        trainer = L.Trainer(
+            logger=loggers or False, callbacks=callbacks, enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=select_best,
+            limit_val_batches=1.0 if len(fold.val_idx) else 0, **trainer_kwargs,
+        )
+        trainer.fit(module, datamodule=dm)
+        probs = trainer.predict(module, datamodule=dm, ckpt_path="best" if select_best else None)
+    probs = torch.cat(probs).float().numpy()
+    return {"fold": fold.name, "probs": probs, "seconds": time.perf_counter() - start,
+            "epochs": trainer.current_epoch}
+
+
+def _safe(name: str) -> str:
+    return name.replace("/", "_")
+
+
+class _EpochEvents(Callback):
+    """Sends ("epoch", fold, epoch, max_epochs) to a queue at the end of each training epoch."""
+
+    def __init__(self, events, fold_name: str) -> None:
+        self.events, self.fold_name = events, fold_name
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.events.put(("epoch", self.fold_name, trainer.current_epoch + 1, trainer.max_epochs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running all folds
+
+_WORKER: dict = {}
+
+
+def _init_worker(samples: FlowSamples, spec: dict, events, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    _WORKER.update(samples=samples, spec=spec, events=events)
+
+
+def _run_in_worker(fold: Fold) -> dict:
+    return train_fold(_WORKER["samples"], fold, _WORKER["spec"], _WORKER["events"])
+
+
+def resolve_workers(requested: int | str | None, n_folds: int) -> int:
+    """``auto``/None/0 -> one worker per core (at most one per fold); otherwise the number asked."""
+    if requested in (None, "auto", 0):
+        requested = os.cpu_count() or 1
+    return max(1, min(int(requested), n_folds))
+
+
+def run_folds(
+    samples: FlowSamples, folds: list[Fold], spec: dict, workers: int | str | None = "auto",
+    show_progress: bool = True,
+) -> list[dict]:
+    """Train and predict every fold; results in fold order.
+
+    ``workers == 1`` runs in this process; more runs a spawn-based process pool, each worker
+    with ``cores // workers`` torch threads.
+    """
+    n_workers = resolve_workers(workers, len(folds))
+    max_epochs = int(spec["trainer"].get("max_epochs", 1))
+    with _FoldProgress(folds, max_epochs, enabled=show_progress) as progress:
+        if n_workers == 1:
+            results = []
+            for fold in folds:
+                results.append(train_fold(samples, fold, spec, progress.events))
+                progress.fold_done(fold.name)
+            return results
+        ctx = mp.get_context("spawn")
+        events = ctx.Queue()
+        progress.listen(events)
+        threads = max(1, (os.cpu_count() or 1) // n_workers)
+        results_by_name: dict[str, dict] = {}
+        with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(samples, spec, events, threads)) as pool:
+            futures = {pool.submit(_run_in_worker, f): f for f in folds}
+            for fut, fold in futures.items():
+                results_by_name[fold.name] = fut.result()
+                progress.fold_done(fold.name)
+        return [results_by_name[f.name] for f in folds]
+
+
+class _FoldProgress:
+    """A rich display: overall folds, plus one epoch bar per running fold."""
+
+    def __init__(self, folds: list[Fold], max_epochs: int, enabled: bool = True) -> None:
+        self.enabled, self.max_epochs = enabled, max_epochs
+        self.n_folds = len(folds)
+        self.events: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._bars: dict[str, int] = {}
+
+    def __enter__(self) -> _FoldProgress:
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+                TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TimeElapsedColumn(), transient=False)
+            self.progress.start()
+            self.total = self.progress.add_task("folds", total=self.n_folds)
+        self.listen(self.events)
+        return self
+
+    def listen(self, events) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, args=(events, self._stop),
+                                        daemon=True)
+        self._thread.start()
+
+    def _drain(self, events, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                _, name, epoch, total = events.get(timeout=0.1)
+            except (queue.Empty, EOFError, OSError):
+                continue
+            if self.enabled:
+                if name not in self._bars:
+                    self._bars[name] = self.progress.add_task(f"  {name} epochs", total=total)
+                self.progress.update(self._bars[name], completed=epoch)
+
+    def fold_done(self, name: str) -> None:
+        if self.enabled:
+            self.progress.advance(self.total)
+            if name in self._bars:
+                self.progress.remove_task(self._bars.pop(name))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        if self.enabled:
+            self.progress.stop()

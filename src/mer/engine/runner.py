@@ -1,0 +1,146 @@
+"""A recognition experiment end to end: data -> protocol folds -> pooled metrics -> outputs."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from mer.data.samples import FlowSamples
+from mer.data.sources import load_samples
+from mer.engine.protocols import Fold, ProtocolError, loso_folds, run_folds
+from mer.engine.report import score_predictions, write_outputs
+
+log = logging.getLogger(__name__)
+
+
+def make_folds(samples: FlowSamples, protocol: DictConfig, seed: int) -> list[Fold]:
+    """The folds a protocol config asks for."""
+    if protocol.select != "last" and not protocol.val_subjects:
+        raise ProtocolError(
+            f"protocol.select={protocol.select} needs validation subjects carved from the "
+            "training subjects: set protocol.val_subjects (e.g. 0.2). Selecting on the test "
+            "fold is not offered."
+        )
+    if protocol.name == "loso":
+        return loso_folds(samples, val_subjects=protocol.val_subjects, seed=seed)
+    raise ProtocolError(f"unknown protocol '{protocol.name}'")
+
+
+def training_spec(cfg: DictConfig, log_dir: Path | None) -> dict:
+    """The plain-dict training recipe sent to fold workers."""
+    return {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "trainer": OmegaConf.to_container(cfg.trainer, resolve=True),
+        "batch_size": int(cfg.data.batch_size),
+        "shuffle": bool(cfg.data.shuffle),
+        "seed": int(cfg.seed),
+        "select": cfg.protocol.select,
+        "log_dir": str(log_dir) if log_dir else None,
+    }
+
+
+def pooled_predictions(samples: FlowSamples, folds: list[Fold], results: list[dict]) -> pd.DataFrame:
+    """One row per test sample over all folds: ids, fold, label, prediction, probabilities."""
+    rows = []
+    for fold, res in zip(folds, results):
+        meta = samples.meta.iloc[fold.test_idx]
+        probs = res["probs"]
+        df = pd.DataFrame({
+            "subject": meta["subject"].to_numpy(), "clip": meta["clip"].to_numpy(),
+            "database": meta["database"].to_numpy(), "fold": fold.name,
+            "label": meta["label"].to_numpy(), "prediction": probs.argmax(1),
+        })
+        for k, name in enumerate(samples.class_names):
+            df[f"p_{name}"] = probs[:, k]
+        rows.append(df)
+    return pd.concat(rows, ignore_index=True)
+
+
+def run_recognition(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run a recognition protocol and write results.json, predictions.csv, the confusion PNG."""
+    t0 = time.perf_counter()
+    samples = load_samples(cfg.data, cfg.paths.cache_dir)
+    t_data = time.perf_counter() - t0
+    folds = make_folds(samples, cfg.protocol, int(cfg.seed))
+    spec = training_spec(cfg, run_dir / "logs")
+    t1 = time.perf_counter()
+    fold_results = run_folds(samples, folds, spec, workers=cfg.protocol.workers,
+                             show_progress=bool(cfg.progress))
+    t_train = time.perf_counter() - t1
+    predictions = pooled_predictions(samples, folds, fold_results)
+    metrics = score_predictions(predictions, samples.class_names)
+    results = {
+        "name": cfg.name,
+        "synthetic": samples.synthetic,
+        "metrics": metrics,
+        "data": {
+            **samples.provenance, "synthetic": samples.synthetic, "n_samples": len(samples.meta),
+            "n_subjects": int(samples.meta["subject_key"].nunique()),
+            "class_names": samples.class_names,
+            "class_counts": {
+                db: {samples.class_names[k]: int(v) for k, v in
+                     g["label"].value_counts().sort_index().items()}
+                for db, g in samples.meta.groupby("database")
+            },
+            "excluded": samples.excluded,
+        },
+        "protocol": {"name": cfg.protocol.name, "folds": len(folds),
+                     "selection": cfg.protocol.select, "val_subjects": cfg.protocol.val_subjects},
+        "timings": {"data_s": t_data, "train_s": t_train,
+                    "folds_s": {r["fold"]: r["seconds"] for r in fold_results}},
+        "environment": {"python": platform.python_version(), "machine": platform.machine()},
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_outputs(run_dir, results, predictions, samples.class_names)
+    _log_wandb(cfg, run_dir, results)
+    _print_summary(results, run_dir)
+    return results
+
+
+def _print_summary(results: dict, run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = results["metrics"]
+    tag = " [bold yellow](SYNTHETIC data)[/]" if results["synthetic"] else ""
+    table = Table(title=f"{results['name']}: {results['protocol']['name']} "
+                        f"({results['protocol']['folds']} folds){tag}")
+    for col in ("scope", "n", "UF1", "UAR", "accuracy"):
+        table.add_column(col)
+    rows = [("overall", m["overall"])] + list(m["per_database"].items())
+    for scope, s in rows:
+        table.add_row(scope, str(s["n"]), f"{s['uf1']:.4f}", f"{s['uar']:.4f}",
+                      f"{s['accuracy']:.4f}")
+    console = Console()
+    console.print(table)
+    console.print(f"outputs: {run_dir}")
+
+
+def _log_wandb(cfg: DictConfig, run_dir: Path, results: dict) -> None:
+    wb = cfg.logger.get("wandb")
+    if not wb:
+        return
+    import wandb
+
+    run = wandb.init(project=wb.project, group=wb.group, name=f"{cfg.name}-{run_dir.name}",
+                     mode=wb.mode, dir=str(run_dir), job_type=wb.get("job_type", "loso"),
+                     config=results["config"], tags=list(wb.get("tags", [])) +
+                     (["synthetic"] if results["synthetic"] else []))
+    overall = results["metrics"]["overall"]
+    run.summary.update({"uf1": overall["uf1"], "uar": overall["uar"],
+                        "accuracy": overall["accuracy"], "synthetic": results["synthetic"]})
+    for db, s in results["metrics"]["per_database"].items():
+        run.summary.update({f"{db}/uf1": s["uf1"], f"{db}/uar": s["uar"]})
+    folds = results["metrics"]["per_fold"]
+    run.log({"folds": wandb.Table(columns=["fold", "n", "uf1", "uar", "accuracy"], data=[
+        [f, s["n"], s["uf1"], s["uar"], s["accuracy"]] for f, s in folds.items()])})
+    run.log({"confusion_matrix": wandb.Image(str(run_dir / "confusion_matrix.png"))})
+    run.finish()
+
+

@@ -1,0 +1,35 @@
+"""``python -m mer.run``: the thin Hydra entry point over ``conf/``.
+
+Examples::
+
+    python -m mer.run +experiment=synme_ststnet
+    python -m mer.run +experiment=megc2019_ststnet data.root=/path/to/flowcache
+    python -m mer.run -m model=ststnet,offapexnet
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Run the experiment a config describes; returns the overall UF1 (for sweepers)."""
+    from mer.engine.runner import run_recognition
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("federated"):
+        raise NotImplementedError(
+            "federated training is not in this version of mer yet (see the federated issue)")
+    results = run_recognition(cfg, run_dir)
+    return results["metrics"]["overall"]["uf1"]
+
+
+if __name__ == "__main__":
+    main()
