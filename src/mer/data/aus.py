@@ -18,11 +18,14 @@ import numpy as np
 # The 12 AUs of FED-PsyAU's graph, in node order.
 PSYAU_AUS: tuple[int, ...] = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17)
 
-_SPLIT = re.compile(r"[+,;&/]|\s+and\s+|\s+")
+# Pieces are separated by + , ; & and the words "or"/"and" ("R12 or R14": the coder's
+# alternatives; both AUs are kept). A "/" separates pieces too, except in intensity ranges.
+_SPLIT = re.compile(r"[+,;&/]|\s+(?:or|and)\s+", re.I)
 # optional side/position prefix, the AU number, optional intensity letters, optional "(k)"-like tag
 _TOKEN = re.compile(r"^(?:[LRABT]|AU)?(\d{1,2})(?:[A-E](?:/[A-E])?)?(?:\([A-Za-z]+\))?$", re.I)
-_REF = re.compile(r"^ref\((\d{1,2})\)$", re.I)
+_REF = re.compile(r"^ref\((.+)\)$", re.I)  # ref(24), ref(7B), ref(L10): a reference AU
 _INTENSITY_SLASH = re.compile(r"(\d)([A-E])/([A-E])", re.I)
+_SIDE_ONLY = re.compile(r"^[LRAB]$", re.I)  # "A/L12": both side letters before one AU
 
 
 @dataclass
@@ -48,23 +51,32 @@ def parse_au_string(value: object) -> ParsedAUs:
     text = _INTENSITY_SLASH.sub(r"\1\2", raw)  # "4A/B" -> "4A": the slash is not a separator there
     aus: list[int] = []
     unknown: list[str] = []
-    for token in _SPLIT.split(text):
-        token = token.strip().strip("'\"").rstrip(".")
-        if not token or token == "?":
-            if token == "?":
-                unknown.append(token)
+    for piece in _SPLIT.split(text):
+        piece = piece.strip().strip("'\"").rstrip(".")
+        if piece.startswith("(") and piece.count("(") > piece.count(")"):
+            piece = piece[1:]  # "(R6 or R12)" was split inside its brackets
+        if piece.endswith(")") and piece.count(")") > piece.count("("):
+            piece = piece[:-1]
+        if not piece or _SIDE_ONLY.match(piece):
             continue
-        m = _TOKEN.match(token) or _REF.match(token)
-        if m:
-            au = int(m.group(1))
-            if au not in aus:
-                aus.append(au)
+        found = _piece_aus(piece)
+        if found is None:
+            unknown.append(piece)
         else:
-            unknown.append(token)
-    # Free text like "soft focus" splits into words; report it once, as written.
-    if unknown and not aus and all(not any(c.isdigit() for c in t) for t in unknown):
-        unknown = [raw]
+            aus += [au for au in found if au not in aus]
     return ParsedAUs(raw, tuple(aus), tuple(unknown))
+
+
+def _piece_aus(piece: str) -> list[int] | None:
+    """AUs of one piece ("R12B", "ref(7B)", "12 25"), or None if it is not AU notation."""
+    m = _REF.match(piece)
+    if m:
+        return _piece_aus(m.group(1).strip())
+    tokens = piece.split()
+    matches = [_TOKEN.match(t) for t in tokens]
+    if tokens and all(matches):
+        return [int(m.group(1)) for m in matches]
+    return None
 
 
 def multi_hot(aus: tuple[int, ...] | list[int], au_list: tuple[int, ...] = PSYAU_AUS) -> np.ndarray:

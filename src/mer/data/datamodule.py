@@ -58,7 +58,7 @@ class SplitDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.x = torch.from_numpy(np.ascontiguousarray(samples.x, dtype=np.float32))
-        self.y = torch.from_numpy(samples.labels)
+        self.y = torch.as_tensor(samples.labels.copy())
         self.train_idx = np.asarray(train_idx)
         self.val_idx = np.asarray(val_idx if val_idx is not None else [], dtype=np.int64)
         self.test_idx = np.asarray(test_idx)

@@ -1,0 +1,434 @@
+"""The flow-cache exchange format of public MER code (STSTNet, HTNet style).
+
+Layout under ``root``::
+
+    flowcache.csv                           dataset,sub,filename_o,label[,emotion,synthetic,...]
+    <sub>_<filename_o> .png                 flat folder: one image per CSV row
+    <sub>/u_test/<label>/<sub>_<clip> .png  LOSO tree: that subject's own samples
+    <sub>/u_train/<label>/...               ... and everyone else's
+
+Note the space before ``.png`` in the image names. The reader also accepts names without the
+space (``<sub>_<filename_o>.png``) when the spaced name is absent.
+
+Labels are class indices: 0 negative, 1 positive, 2 surprise (the MEGC2019 composite) unless
+other ``class_names`` are given.
+
+Each PNG is an (H, W, 3) uint8 image, square (28x28 usually). Its channels, in the array order
+``cv2.imread`` returns (index 0, 1, 2), are the normalised u, v and optical strain, stored as
+``round(x * 255)``. The writer uses ``cv2.imwrite`` of that array and the reader ``cv2.imread``,
+so a round trip is exact to 1/255. (OpenCV stores array channel 0 as the PNG's *blue* channel:
+a reader that decodes to RGB, e.g. PIL, sees (strain, v, u).)
+
+Subject ids must identify a person across the whole cache, because LOSO folders group by
+them: the same ``sub`` under two ``dataset`` values is refused by the reader. The writer avoids
+it by writing such ids as ``<database>_<subject>`` (all rows then), and the reader returns them
+as written.
+
+A CSV column ``synthetic`` with a true value (true/1/yes) marks the samples as synthetic (SynME).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from mer.data.samples import FlowSamples
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES = ("negative", "positive", "surprise")
+CSV_COLUMNS = ("dataset", "sub", "filename_o", "label")
+TREE_DATABASE = "flowcache"
+_TRUE = {"true", "1", "yes"}
+
+
+class FlowCacheError(Exception):
+    """A flow cache on disk is malformed; the message names the file or CSV row."""
+
+
+def image_name(sub: str, clip: str) -> str:
+    """The PNG name of a sample: ``<sub>_<clip> .png`` (with the space)."""
+    return f"{sub}_{clip} .png"
+
+
+def _fallback_name(sub: str, clip: str) -> str:
+    return f"{sub}_{clip}.png"
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+def _find_csv(root: Path, csv: str | os.PathLike | None) -> Path | None:
+    if csv is not None:
+        path = Path(csv)
+        if not path.is_absolute() and not path.is_file():
+            path = root / path
+        if not path.is_file():
+            raise FlowCacheError(f"CSV {csv} not found (looked also in {root})")
+        return path
+    found = sorted(root.glob("*.csv"))
+    if len(found) > 1:
+        raise FlowCacheError(f"{root} holds several CSV files {[p.name for p in found]}; pass "
+                             "csv=<the one describing the images>")
+    return found[0] if found else None
+
+
+def _read_csv(path: Path, n_classes: int, class_names: list[str]) -> pd.DataFrame:
+    """The CSV as text, validated; adds ``_row`` (1-based file row, header = 1)."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise FlowCacheError(f"cannot parse CSV {path}: {exc}") from exc
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in CSV_COLUMNS if c not in df.columns]
+    if missing:
+        raise FlowCacheError(f"{path}: missing column(s) {missing}; found {list(df.columns)}; "
+                             f"a flow-cache CSV needs {list(CSV_COLUMNS)} (other columns may "
+                             "follow)")
+    clashes = [c for c in ("database", "subject", "clip") if c in df.columns]
+    if clashes:
+        raise FlowCacheError(f"{path}: column(s) {clashes} clash with the names mer gives to "
+                             "dataset/sub/filename_o; rename them")
+    for col in CSV_COLUMNS:
+        df[col] = df[col].str.strip()
+    df["_row"] = np.arange(len(df)) + 2
+
+    labels = []
+    for rec in df.to_dict("records"):
+        where = f"{path} row {rec['_row']}"
+        for col in ("dataset", "sub", "filename_o"):
+            if not rec[col]:
+                raise FlowCacheError(f"{where}: empty '{col}'; fill it in or remove the row")
+            if "/" in rec[col] or "\\" in rec[col]:
+                raise FlowCacheError(f"{where}: '{col}' = {rec[col]!r} contains a path "
+                                     "separator; ids must be plain names")
+        label = rec["label"]
+        if not re.fullmatch(r"\d+", label) or int(label) >= n_classes:
+            raise FlowCacheError(f"{where}: label {label!r} is not a class index 0..{n_classes - 1}"
+                                 f" ({', '.join(class_names)}); fix the label or pass the "
+                                 "cache's class_names")
+        labels.append(int(label))
+    df["label"] = np.asarray(labels, dtype=np.int64)
+
+    datasets = df.groupby("sub")["dataset"].unique()
+    for sub, names in datasets.items():
+        if len(names) > 1:
+            rows = [int(df.loc[(df["sub"] == sub) & (df["dataset"] == d), "_row"].iloc[0])
+                    for d in names]
+            raise FlowCacheError(
+                f"{path}: subject id {sub!r} appears under datasets {list(names)} (rows {rows}); "
+                "they are different people but LOSO folders would merge them. Prefix the subject "
+                "ids with the dataset name (e.g. 'samm_006') in the CSV and the PNG names"
+            )
+    dup = df[df.duplicated(["sub", "filename_o"], keep=False)]
+    if len(dup):
+        first = dup.iloc[0]
+        rows = dup.loc[(dup["sub"] == first["sub"]) & (dup["filename_o"] == first["filename_o"]),
+                       "_row"].tolist()
+        raise FlowCacheError(f"{path}: sub={first['sub']!r} filename_o={first['filename_o']!r} "
+                             f"appears on rows {rows}; each sample must be listed once")
+    return df
+
+
+def _read_png(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8, square, as cv2.imread gives it."""
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise FlowCacheError(f"cannot decode {path} (corrupt or not a PNG); re-export it")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise FlowCacheError(f"{path}: expected an 8-bit 3-channel image (u, v, strain), got "
+                             f"dtype {image.dtype}, shape {image.shape}")
+    if image.shape[0] != image.shape[1]:
+        raise FlowCacheError(f"{path}: image is {image.shape[1]}x{image.shape[0]}, not square")
+    return image
+
+
+def _stack(images: list[np.ndarray], paths: list[Path]) -> np.ndarray:
+    """List of (H, W, 3) uint8 -> (N, 3, H, W) float32 in [0, 1]; all sizes must agree."""
+    if not images:
+        raise FlowCacheError("the flow cache holds no samples")
+    for image, path in zip(images, paths, strict=True):
+        if image.shape != images[0].shape:
+            raise FlowCacheError(f"{path} is {image.shape[1]}x{image.shape[0]} but {paths[0]} "
+                                 f"is {images[0].shape[1]}x{images[0].shape[0]}; all images of "
+                                 "a cache must have one size")
+    return np.stack(images).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+
+
+def _find_image_dir(root: Path, df: pd.DataFrame, csv_path: Path) -> Path | None:
+    """The folder holding the flat images: root, or the one subfolder that holds them."""
+    sub, clip = df["sub"].iloc[0], df["filename_o"].iloc[0]
+    names = (image_name(sub, clip), _fallback_name(sub, clip))
+    dirs = [root] + sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob("*.png")))
+    holding = [d for d in dirs if any((d / n).is_file() for n in names)]
+    if root in holding or not holding:
+        return root if holding else None
+    if len(holding) > 1:
+        raise FlowCacheError(f"the images of {csv_path} are in several folders "
+                             f"{[str(d) for d in holding]}; pass root=<the image folder> and "
+                             "csv=<the CSV path>")
+    return holding[0]
+
+
+def _read_flat(image_dir: Path, df: pd.DataFrame, csv_path: Path) -> np.ndarray:
+    images, paths = [], []
+    for rec in df.to_dict("records"):
+        sub, clip = rec["sub"], rec["filename_o"]
+        path = image_dir / image_name(sub, clip)
+        if not path.is_file():
+            path = image_dir / _fallback_name(sub, clip)
+        if not path.is_file():
+            raise FlowCacheError(
+                f"{csv_path} row {rec['_row']} (sub={sub}, filename_o={clip}): image "
+                f"{image_dir / image_name(sub, clip)!s} not found; add it or remove the row"
+            )
+        images.append(_read_png(path))
+        paths.append(path)
+    return _stack(images, paths)
+
+
+def _label_dirs(split: Path, n_classes: int) -> list[tuple[int, Path]]:
+    out = []
+    for d in sorted(split.iterdir()):
+        if d.name.startswith("."):
+            continue
+        if not d.is_dir() or not re.fullmatch(r"\d+", d.name) or int(d.name) >= n_classes:
+            raise FlowCacheError(f"{d}: expected only label folders 0..{n_classes - 1} in "
+                                 f"{split}; move or remove it, or pass the cache's class_names")
+        out.append((int(d.name), d))
+    return out
+
+
+def _pngs(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    others = [p.name for p in files if p.suffix.lower() != ".png"]
+    if others:
+        log.warning("ignoring non-PNG files in %s: %s", folder, others)
+    return [p for p in files if p.suffix.lower() == ".png"]
+
+
+def _clip_of(name: str, subject: str) -> str:
+    stem = name[: -len(".png")].rstrip(" ")
+    prefix = f"{subject}_"
+    return stem[len(prefix):] if stem.startswith(prefix) else stem
+
+
+def _read_tree(root: Path, n_classes: int) -> tuple[list[dict], list[Path]]:
+    """The samples of a LOSO tree: every ``<subject>/u_test/<label>/*.png``, checked."""
+    subjects = sorted(d for d in root.iterdir() if d.is_dir() and (d / "u_test").is_dir())
+    if not subjects:
+        raise FlowCacheError(f"{root} holds neither a CSV nor LOSO folders "
+                             "<subject>/u_test/<label>/*.png; is this a flow cache?")
+    records, paths = [], []
+    owner: dict[str, Path] = {}  # file name -> its u_test path
+    tests: dict[str, set[tuple[int, str]]] = {}
+    for sdir in subjects:
+        tests[sdir.name] = set()
+        for label, ldir in _label_dirs(sdir / "u_test", n_classes):
+            for png in _pngs(ldir):
+                if png.name in owner:
+                    raise FlowCacheError(f"{png} is also in {owner[png.name]}; a sample must be "
+                                         "in the u_test folder of exactly one subject")
+                owner[png.name] = png
+                tests[sdir.name].add((label, png.name))
+                records.append({"database": TREE_DATABASE, "subject": sdir.name,
+                                "clip": _clip_of(png.name, sdir.name), "label": label})
+                paths.append(png)
+    everyone = set().union(*tests.values())
+    for sdir in subjects:
+        train_dir = sdir / "u_train"
+        if not train_dir.is_dir():
+            continue
+        train = {(label, png.name) for label, ldir in _label_dirs(train_dir, n_classes)
+                 for png in _pngs(ldir)}
+        expected = everyone - tests[sdir.name]
+        if train != expected:
+            missing = sorted(n for _, n in expected - train)[:3]
+            extra = sorted(f"{lab}/{n}" for lab, n in train - expected)[:3]
+            raise FlowCacheError(
+                f"{train_dir}: {len(train)} images but the other subjects' u_test folders hold "
+                f"{len(expected)} (missing e.g. {missing}; unexpected, not in any other u_test "
+                f"or under another label, e.g. {extra}); each sample must be in the u_test of "
+                "exactly one subject and in every other subject's u_train"
+            )
+    return records, paths
+
+
+def _match_tree(root: Path, df: pd.DataFrame, csv_path: Path, n_classes: int) -> np.ndarray:
+    """Images of the CSV rows taken from the LOSO tree (when there is no flat folder)."""
+    records, paths = _read_tree(root, n_classes)
+    by_key = {(r["subject"], r["clip"]): (r, p) for r, p in zip(records, paths, strict=True)}
+    images, used = [], []
+    for rec in df.to_dict("records"):
+        key = (rec["sub"], rec["filename_o"])
+        if key not in by_key:
+            raise FlowCacheError(
+                f"{csv_path} row {rec['_row']} (sub={key[0]}, filename_o={key[1]}): image "
+                f"{image_name(*key)} found neither in {root} nor in "
+                f"{root / key[0] / 'u_test'}; add it or remove the row"
+            )
+        tree_rec, path = by_key.pop(key)
+        if tree_rec["label"] != rec["label"]:
+            raise FlowCacheError(f"{csv_path} row {rec['_row']}: label {rec['label']} but {path} "
+                                 f"is filed under label {tree_rec['label']}; make them agree")
+        images.append(_read_png(path))
+        used.append(path)
+    if by_key:
+        extra = [str(p) for _, p in list(by_key.values())[:3]]
+        raise FlowCacheError(f"{len(by_key)} image(s) of the LOSO tree have no row in "
+                             f"{csv_path}, e.g. {extra}; add rows for them or remove them")
+    return _stack(images, used)
+
+
+def read_flowcache(
+    root: str | os.PathLike,
+    csv: str | os.PathLike | None = None,
+    class_names: tuple[str, ...] | list[str] = CLASS_NAMES,
+) -> FlowSamples:
+    """Read a flow cache into model-ready samples.
+
+    With a CSV (``csv=``, or the one ``*.csv`` in ``root``) each row is one sample, its image
+    ``<sub>_<filename_o> .png`` taken from ``root`` (or the one subfolder of ``root`` holding
+    the images; failing both, from the LOSO tree). Without a CSV, every
+    ``<subject>/u_test/<label>/*.png`` is a sample of that subject, database ``flowcache``.
+
+    Args:
+        root: the cache folder.
+        csv: the CSV file (absolute, or relative to ``root``).
+        class_names: class index -> name, for the labels.
+
+    Returns:
+        FlowSamples with x (N, 3, H, W) float32 in [0, 1] (channels u, v, strain); meta with
+        ``database, subject, clip, label`` and the CSV's other columns (as text).
+
+    Raises:
+        FlowCacheError: naming the file or CSV row at fault.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FlowCacheError(f"flow cache folder {root} does not exist")
+    class_names = list(class_names)
+    n_classes = len(class_names)
+    csv_path = _find_csv(root, csv)
+    synthetic = False
+    if csv_path is None:
+        records, paths = _read_tree(root, n_classes)
+        x = _stack([_read_png(p) for p in paths], paths)
+        meta = pd.DataFrame(records)
+        layout = "tree"
+    else:
+        df = _read_csv(csv_path, n_classes, class_names)
+        image_dir = _find_image_dir(root, df, csv_path)
+        if image_dir is not None:
+            x, layout = _read_flat(image_dir, df, csv_path), "flat"
+        else:
+            x, layout = _match_tree(root, df, csv_path, n_classes), "tree"
+        if "synthetic" in df:
+            synthetic = bool(df["synthetic"].str.strip().str.lower().isin(_TRUE).any())
+        meta = df.drop(columns=[c for c in ("_row", "synthetic", "subject_key") if c in df])
+        meta = meta.rename(columns={"dataset": "database", "sub": "subject",
+                                    "filename_o": "clip"})
+    provenance = {"format": "flowcache", "root": str(root),
+                  "csv": None if csv_path is None else str(csv_path), "layout": layout}
+    return FlowSamples(x=x, meta=meta, class_names=class_names, synthetic=synthetic,
+                       provenance=provenance)
+
+
+# ----------------------------------------------------------------------------------- writing
+
+
+def write_flowcache(
+    samples: FlowSamples,
+    root: str | os.PathLike,
+    loso_tree: bool = True,
+    csv_name: str = "flowcache.csv",
+) -> list[str]:
+    """Write samples as a flow cache: flat folder + CSV, and the LOSO tree when ``loso_tree``.
+
+    ``root`` must be new or empty. Values are stored as ``round(x * 255)``. Subject ids that
+    occur under several databases are written as ``<database>_<subject>`` (for all rows).
+
+    Args:
+        samples: x (N, 3, H, W) in [0, 1], H == W; meta with ``database, subject, clip, label``.
+        root: the folder to create.
+        loso_tree: also write ``<subject>/u_train|u_test/<label>/`` copies.
+        csv_name: name of the CSV file.
+
+    Returns:
+        Notes on what the writer changed or what a reader must know (also logged).
+    """
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        raise FlowCacheError(f"{root} is not empty; write a flow cache into a new folder")
+    x = np.asarray(samples.x)
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] != x.shape[3]:
+        raise FlowCacheError(f"flow cache images must be (N, 3, H, H); got {x.shape}")
+    if not np.isfinite(x).all() or x.min(initial=0) < -1e-6 or x.max(initial=0) > 1 + 1e-6:
+        raise FlowCacheError("flow images must be normalised to [0, 1] before writing")
+    meta = samples.meta
+    database = meta["database"].astype(str).tolist()
+    subject = meta["subject"].astype(str).tolist()
+    clip = meta["clip"].astype(str).tolist()
+    label = meta["label"].astype(np.int64).tolist()
+    notes = []
+
+    owners = pd.DataFrame({"d": database, "s": subject}).groupby("s")["d"].nunique()
+    if (owners > 1).any():
+        shared = sorted(owners.index[owners > 1])[:5]
+        subject = [f"{d}_{s}" for d, s in zip(database, subject, strict=True)]
+        notes.append(f"subject ids {shared} occur in several databases; all subject ids were "
+                     "written as <database>_<subject> and read back that way")
+    for i, (s, c) in enumerate(zip(subject, clip, strict=True)):
+        for value in (s, c):
+            if not value or "/" in value or "\\" in value:
+                raise FlowCacheError(f"sample {i} ({database[i]}/{s}/{c}): ids must be "
+                                     "non-empty plain names")
+    seen: dict[tuple[str, str], int] = {}
+    for i, key in enumerate(zip(subject, clip, strict=True)):
+        if key in seen:
+            raise FlowCacheError(f"samples {seen[key]} and {i} are both {key[0]}_{key[1]}; each "
+                                 "(subject, clip) must be unique")
+        seen[key] = i
+    bad = [v for v in label if not 0 <= v < len(samples.class_names)]
+    if bad:
+        raise FlowCacheError(f"labels {sorted(set(bad))[:5]} are outside "
+                             f"0..{samples.num_classes - 1}")
+    if list(samples.class_names) != list(CLASS_NAMES):
+        notes.append(f"class names are {list(samples.class_names)}, not the usual "
+                     f"{list(CLASS_NAMES)}: read it back with class_names=")
+
+    images = np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    encoded = []
+    for image in images:
+        ok, buf = cv2.imencode(".png", np.ascontiguousarray(image))
+        if not ok:
+            raise FlowCacheError("PNG encoding failed")
+        encoded.append(buf.tobytes())
+    names = [image_name(s, c) for s, c in zip(subject, clip, strict=True)]
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name, data in zip(names, encoded, strict=True):
+        (root / name).write_bytes(data)
+    table = pd.DataFrame({"dataset": database, "sub": subject, "filename_o": clip,
+                          "label": label})
+    if "emotion" in meta:
+        table["emotion"] = meta["emotion"].to_numpy()
+    table["synthetic"] = bool(samples.synthetic)
+    table.to_csv(root / csv_name, index=False)
+
+    if loso_tree:
+        for owner in sorted(set(subject)):
+            for name, data, s, lab in zip(names, encoded, subject, label, strict=True):
+                split = "u_test" if s == owner else "u_train"
+                folder = root / owner / split / str(lab)
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_bytes(data)
+    for note in notes:
+        log.info("write_flowcache %s: %s", root, note)
+    return notes

@@ -1,0 +1,58 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from mer.data.aus import PSYAU_AUS, multi_hot, parse_au_string
+
+
+@pytest.mark.parametrize("text,aus", [
+    ("4+7", (4, 7)), ("R12", (12,)), ("L1+2", (1, 2)), ("A1+2", (1, 2)), ("4,7", (4, 7)),
+    ("12(k)", (12,)), ("7B", (7,)), ("4A/B", (4,)), ("L12C", (12,)), ("T18", (18,)),
+    ("ref(24)", (24,)), (12, (12,)), (12.0, (12,)), ("AU4+AU7", (4, 7)),
+    ("L10+25+R26", (10, 25, 26)), ("1+2+1", (1, 2)),
+])
+def test_parse_known_forms(text, aus):
+    parsed = parse_au_string(text)
+    assert parsed.aus == aus
+    assert parsed.unknown == ()
+
+
+@pytest.mark.parametrize("text", ["soft focus", "?", "4+blink"])
+def test_unknown_tokens_are_reported(text):
+    parsed = parse_au_string(text)
+    assert parsed.unknown, f"{text!r} should report an unknown token"
+    assert parsed.raw == text
+
+
+def test_missing_cell_is_empty():
+    assert parse_au_string(float("nan")).aus == ()
+    assert parse_au_string(None).raw == ""
+
+
+def test_multi_hot_over_declared_list():
+    v = multi_hot((1, 12, 25), PSYAU_AUS)
+    assert v.shape == (12,)
+    assert v[PSYAU_AUS.index(1)] == 1 and v[PSYAU_AUS.index(12)] == 1 and v.sum() == 2
+
+
+@pytest.mark.parametrize("sheet,column", [
+    ("CASME2-coding.xlsx", "Action Units"),
+    ("SAMM-coding.xlsx", "Action Units"),
+    ("cas(me)3_part_A_ME_label_JpgIndex_v2.xlsx", "AU"),
+])
+def test_every_au_string_in_real_sheets_parses(annotation_sheet, sheet, column):
+    df = pd.read_excel(annotation_sheet(sheet))
+    assert column in df.columns
+    unknown = {}
+    n_aus = 0
+    for i, cell in enumerate(df[column]):
+        parsed = parse_au_string(cell)
+        n_aus += len(parsed.aus)
+        if parsed.unknown:
+            unknown[i + 2] = parsed.unknown
+    # Every cell yields AUs; the only unknown tokens allowed are written-down non-AU notes.
+    assert n_aus >= len(df)
+    for row, tokens in unknown.items():
+        assert all(not any(c.isdigit() for c in t) or t == "?" for t in tokens), (row, tokens)
+    print(sheet, "unknown tokens by row:", unknown)
+    assert np.isfinite(n_aus)
