@@ -48,7 +48,8 @@ def parse_au_string(value: object) -> ParsedAUs:
     if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer()):
         return ParsedAUs(str(int(value)), (int(value),))
     raw = str(value).strip()
-    text = _INTENSITY_SLASH.sub(r"\1\2", raw)  # "4A/B" -> "4A": the slash is not a separator there
+    # "4A/B" -> "4A": that slash is not a separator
+    text = _INTENSITY_SLASH.sub(r"\1\2", raw)
     aus: list[int] = []
     unknown: list[str] = []
     for piece in _SPLIT.split(text):
@@ -79,8 +80,10 @@ def _piece_aus(piece: str) -> list[int] | None:
     return None
 
 
-def multi_hot(aus: tuple[int, ...] | list[int], au_list: tuple[int, ...] = PSYAU_AUS) -> np.ndarray:
-    """(len(au_list),) float32 vector with 1 where the AU is present; AUs outside the list ignored."""
+def multi_hot(
+    aus: tuple[int, ...] | list[int], au_list: tuple[int, ...] = PSYAU_AUS
+) -> np.ndarray:
+    """(len(au_list),) float32, 1 where the AU is present; AUs outside the list are ignored."""
     index = {au: i for i, au in enumerate(au_list)}
     v = np.zeros(len(au_list), dtype=np.float32)
     for au in aus:

@@ -7,7 +7,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,7 +44,9 @@ def training_spec(cfg: DictConfig, log_dir: Path | None) -> dict:
     }
 
 
-def pooled_predictions(samples: FlowSamples, folds: list[Fold], results: list[dict]) -> pd.DataFrame:
+def pooled_predictions(
+    samples: FlowSamples, folds: list[Fold], results: list[dict]
+) -> pd.DataFrame:
     """One row per test sample over all folds: ids, fold, label, prediction, probabilities."""
     rows = []
     for fold, res in zip(folds, results):

@@ -12,7 +12,7 @@ class DatabaseError(ValueError):
 
 
 def read_sheet(path: Path, header_row: int | None = 0) -> pd.DataFrame:
-    """Read an annotation sheet (.xlsx/.xls/.csv) as a DataFrame, raising DatabaseError if absent."""
+    """Read an annotation sheet (.xlsx/.xls/.csv); DatabaseError if it is absent."""
     path = Path(path)
     if not path.exists():
         raise DatabaseError(f"annotation sheet not found: {path}. Point data.sheet at it.")
