@@ -17,6 +17,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import sys
 import threading
 import time
 import warnings
@@ -208,25 +209,33 @@ def run_folds(
     """
     n_workers = resolve_workers(workers, len(folds))
     max_epochs = int(spec["trainer"].get("max_epochs", 1))
-    with _FoldProgress(folds, max_epochs, enabled=show_progress) as progress:
-        if n_workers == 1:
+    if n_workers == 1:
+        with _FoldProgress(folds, max_epochs, enabled=show_progress) as progress:
             results = []
             for fold in folds:
                 results.append(train_fold(samples, fold, spec, progress.events))
                 progress.fold_done(fold.name)
             return results
-        ctx = mp.get_context("spawn")
-        events = ctx.Queue()
-        progress.listen(events)
-        threads = max(1, (os.cpu_count() or 1) // n_workers)
-        results_by_name: dict[str, dict] = {}
-        with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(samples, spec, events, threads)) as pool:
-            futures = {pool.submit(_run_in_worker, f): f for f in folds}
-            for fut, fold in futures.items():
-                results_by_name[fold.name] = fut.result()
+    # fork shares the already imported torch/Lightning and the samples with the workers at no
+    # cost; the pool is started before this process runs any thread of its own (progress).
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    events = ctx.Queue()
+    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(samples, spec, events, threads)) as pool:
+        list(pool.map(_ready, range(n_workers)))
+        with _FoldProgress(folds, max_epochs, enabled=show_progress) as progress:
+            progress.listen(events)
+            futures = [(pool.submit(_run_in_worker, f), f) for f in folds]
+            results = []
+            for fut, fold in futures:
+                results.append(fut.result())
                 progress.fold_done(fold.name)
-        return [results_by_name[f.name] for f in folds]
+    return results
+
+
+def _ready(_: int) -> bool:
+    return True
 
 
 class _FoldProgress:
