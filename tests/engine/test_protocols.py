@@ -82,3 +82,29 @@ def test_folds_learn_and_do_not_depend_on_worker_count():
     pred = np.concatenate([r["probs"].argmax(1) for r in serial])
     truth = np.concatenate([samples.labels[f.test_idx] for f in folds])
     assert (pred == truth).mean() > 0.6  # separable data: well above chance (1/3)
+
+
+def test_interrupted_run_resumes_only_unfinished_folds(tmp_path, monkeypatch):
+    import mer.engine.protocols as protocols
+
+    samples = make_samples(n_subjects=2)
+    folds = loso_folds(samples)
+    spec = {**SPEC, "trainer": {**SPEC["trainer"], "max_epochs": 2}}
+    first = run_folds(samples, folds, spec, workers=1, show_progress=False, done_dir=tmp_path)
+    (tmp_path / "dbB_sub01.npz").unlink()  # as if the run died before this fold finished
+
+    trained = []
+    real = protocols.train_fold
+    monkeypatch.setattr(protocols, "train_fold",
+                        lambda s, f, *a, **k: trained.append(f.name) or real(s, f, *a, **k))
+    again = run_folds(samples, folds, spec, workers=1, show_progress=False, done_dir=tmp_path,
+                      resume=True)
+    assert trained == ["dbB/sub01"]
+    for a, b in zip(first, again):
+        np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-6)
+    # a different recipe does not reuse the saved folds
+    other = {**spec, "seed": 8}
+    trained.clear()
+    run_folds(samples, folds, other, workers=1, show_progress=False, done_dir=tmp_path,
+              resume=True)
+    assert len(trained) == len(folds)

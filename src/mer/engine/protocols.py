@@ -13,6 +13,8 @@ cores. Results do not depend on the worker count (each fold seeds itself from it
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -200,22 +202,30 @@ def resolve_workers(requested: int | str | None, n_folds: int) -> int:
 
 def run_folds(
     samples: FlowSamples, folds: list[Fold], spec: dict, workers: int | str | None = "auto",
-    show_progress: bool = True,
+    show_progress: bool = True, done_dir: Path | None = None, resume: bool = False,
 ) -> list[dict]:
     """Train and predict every fold; results in fold order.
 
-    ``workers == 1`` runs in this process; more runs a spawn-based process pool, each worker
-    with ``cores // workers`` torch threads.
+    ``workers == 1`` runs in this process; more runs a process pool, each worker with
+    ``cores // workers`` torch threads. With ``done_dir`` each finished fold is saved there;
+    with ``resume`` folds already saved for the same recipe are loaded instead of trained.
     """
-    n_workers = resolve_workers(workers, len(folds))
+    done = _load_done(done_dir, spec, folds) if resume and done_dir else {}
+    todo = [f for f in folds if f.name not in done]
+    n_workers = resolve_workers(workers, max(1, len(todo)))
     max_epochs = int(spec["trainer"].get("max_epochs", 1))
-    if n_workers == 1:
-        with _FoldProgress(folds, max_epochs, enabled=show_progress) as progress:
-            results = []
-            for fold in folds:
-                results.append(train_fold(samples, fold, spec, progress.events))
-                progress.fold_done(fold.name)
-            return results
+
+    def finished(result: dict, progress: _FoldProgress) -> None:
+        done[result["fold"]] = result
+        if done_dir:
+            _save_done(done_dir, spec, result)
+        progress.fold_done(result["fold"])
+
+    if n_workers == 1 or not todo:
+        with _FoldProgress(folds, max_epochs, enabled=show_progress, done=len(done)) as progress:
+            for fold in todo:
+                finished(train_fold(samples, fold, spec, progress.events), progress)
+        return [done[f.name] for f in folds]
     # fork shares the already imported torch/Lightning and the samples with the workers at no
     # cost; the pool is started before this process runs any thread of its own (progress).
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
@@ -224,14 +234,44 @@ def run_folds(
     with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(samples, spec, events, threads)) as pool:
         list(pool.map(_ready, range(n_workers)))
-        with _FoldProgress(folds, max_epochs, enabled=show_progress) as progress:
+        with _FoldProgress(folds, max_epochs, enabled=show_progress, done=len(done)) as progress:
             progress.listen(events)
-            futures = [(pool.submit(_run_in_worker, f), f) for f in folds]
-            results = []
-            for fut, fold in futures:
-                results.append(fut.result())
-                progress.fold_done(fold.name)
-    return results
+            futures = [pool.submit(_run_in_worker, f) for f in todo]
+            for fut in futures:
+                finished(fut.result(), progress)
+    return [done[f.name] for f in folds]
+
+
+def _recipe_key(spec: dict) -> str:
+    recipe = {k: v for k, v in spec.items() if k != "log_dir"}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_done(done_dir: Path, spec: dict, result: dict) -> None:
+    done_dir = Path(done_dir)
+    done_dir.mkdir(parents=True, exist_ok=True)
+    path = done_dir / f"{_safe(result['fold'])}.npz"
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, probs=result["probs"], seconds=result["seconds"], epochs=result["epochs"],
+             fold=result["fold"], recipe=_recipe_key(spec))
+    os.replace(tmp, path)
+
+
+def _load_done(done_dir: Path, spec: dict, folds: list[Fold]) -> dict[str, dict]:
+    """Folds saved by an earlier, interrupted run of the same recipe."""
+    key, done = _recipe_key(spec), {}
+    for fold in folds:
+        path = Path(done_dir) / f"{_safe(fold.name)}.npz"
+        if not path.exists():
+            continue
+        with np.load(path) as f:
+            if str(f["recipe"]) != key or len(f["probs"]) != len(fold.test_idx):
+                log.warning("not resuming fold %s: saved by a different recipe", fold.name)
+                continue
+            done[fold.name] = {"fold": fold.name, "probs": f["probs"],
+                               "seconds": float(f["seconds"]), "epochs": int(f["epochs"]),
+                               "resumed": True}
+    return done
 
 
 def _ready(_: int) -> bool:
@@ -241,9 +281,10 @@ def _ready(_: int) -> bool:
 class _FoldProgress:
     """A rich display: overall folds, plus one epoch bar per running fold."""
 
-    def __init__(self, folds: list[Fold], max_epochs: int, enabled: bool = True) -> None:
+    def __init__(self, folds: list[Fold], max_epochs: int, enabled: bool = True,
+                 done: int = 0) -> None:
         self.enabled, self.max_epochs = enabled, max_epochs
-        self.n_folds = len(folds)
+        self.n_folds, self.done = len(folds), done
         self.events: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -262,7 +303,8 @@ class _FoldProgress:
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                      MofNCompleteColumn(), TimeElapsedColumn(), transient=False)
             self.progress.start()
-            self.total = self.progress.add_task("folds", total=self.n_folds)
+            self.total = self.progress.add_task("folds", total=self.n_folds,
+                                                completed=self.done)
         self.listen(self.events)
         return self
 

@@ -72,7 +72,8 @@ def run_recognition(cfg: DictConfig, run_dir: Path) -> dict:
     spec = training_spec(cfg, run_dir / "logs")
     t1 = time.perf_counter()
     fold_results = run_folds(samples, folds, spec, workers=cfg.protocol.workers,
-                             show_progress=bool(cfg.progress))
+                             show_progress=bool(cfg.progress), done_dir=run_dir / "folds_done",
+                             resume=bool(cfg.resume))
     t_train = time.perf_counter() - t1
     predictions = pooled_predictions(samples, folds, fold_results)
     metrics = score_predictions(predictions, samples.class_names)
@@ -92,7 +93,8 @@ def run_recognition(cfg: DictConfig, run_dir: Path) -> dict:
             "excluded": samples.excluded,
         },
         "protocol": {"name": cfg.protocol.name, "folds": len(folds),
-                     "selection": cfg.protocol.select, "val_subjects": cfg.protocol.val_subjects},
+                     "selection": cfg.protocol.select, "val_subjects": cfg.protocol.val_subjects,
+                     "resumed_folds": [r["fold"] for r in fold_results if r.get("resumed")]},
         "timings": {"data_s": t_data, "train_s": t_train,
                     "folds_s": {r["fold"]: r["seconds"] for r in fold_results}},
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
