@@ -30,7 +30,7 @@ def cache_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_synme_loso_run_writes_honest_outputs(cache_dir, tmp_path):
     results, proc = run_mer(["+experiment=synme_ststnet", "data.preset=tiny",
-                             "trainer.max_epochs=3"], cache_dir, tmp_path)
+                             "trainer.max_epochs=3", "logger=wandb"], cache_dir, tmp_path)
     assert results["synthetic"] is True and results["data"]["synthetic"] is True
     assert "SYNTHETIC" in proc.stdout
     m = results["metrics"]
@@ -42,6 +42,7 @@ def test_synme_loso_run_writes_honest_outputs(cache_dir, tmp_path):
     # every subject is tested in exactly one fold, its own
     assert (predictions["fold"] == predictions["database"] + "/" + predictions["subject"]).all()
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
+    assert list((tmp_path / "wandb").glob("offline-run-*"))  # W&B offline, to sync later
     for e in results["data"]["excluded"]:
         assert e["reason"]  # excluded on purpose, with the reason
 
