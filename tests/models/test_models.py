@@ -38,10 +38,10 @@ def test_fast_dev_run_and_gradients(name):
     trainer = L.Trainer(fast_dev_run=True, accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_model_summary=False)
     before = [p.detach().clone() for p in module.parameters()]
-    trainer.fit(module, batch_loader(x, y, 16, shuffle=True))
+    trainer.fit(module, batch_loader(x, y, batch_size=16, shuffle=True))
     changed = [not torch.equal(b, p) for b, p in zip(before, module.parameters())]
     assert all(changed), "every parameter should receive a gradient step"
     predictor = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    probs = torch.cat(predictor.predict(module, batch_loader(x, y, 16)))
+    probs = torch.cat(predictor.predict(module, batch_loader(x, y, batch_size=16)))
     assert probs.shape == (40, 3)
     torch.testing.assert_close(probs.sum(1), torch.ones(40))

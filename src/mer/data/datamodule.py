@@ -11,28 +11,29 @@ from mer.data.samples import FlowSamples
 
 
 class TensorBatches(Dataset):
-    """Indexed by a *list* of positions, returns a whole batch ``(x[idx], y[idx])`` at once.
+    """Indexed by a *list* of positions, returns a whole batch ``tuple(t[idx] for t in tensors)``.
 
     Used with ``batch_size=None`` and a ``BatchSampler``: one tensor gather per batch instead of
     a Python call and a collate per sample.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.x, self.y = x, y
+    def __init__(self, *tensors: torch.Tensor) -> None:
+        self.tensors = tensors
 
     def __len__(self) -> int:
-        return len(self.y)
+        return len(self.tensors[0])
 
-    def __getitem__(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: list[int]) -> tuple[torch.Tensor, ...]:
         idx = torch.as_tensor(index, dtype=torch.long)
-        return self.x[idx], self.y[idx]
+        return tuple(t[idx] for t in self.tensors)
 
 
 def batch_loader(
-    x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0
+    *tensors: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0
 ) -> DataLoader:
-    """A DataLoader of whole batches over in-memory tensors (x (N, C, H, W), y (N,))."""
-    data = TensorBatches(x, y)
+    """A DataLoader of whole batches over in-memory tensors with a common first dimension N
+    (e.g. x (N, C, H, W), y (N,))."""
+    data = TensorBatches(*tensors)
     if shuffle:
         base = RandomSampler(data, generator=torch.Generator().manual_seed(seed))
     else:
@@ -44,6 +45,9 @@ def batch_loader(
 class SplitDataModule(L.LightningDataModule):
     """Train / validation / test positions into one :class:`FlowSamples`.
 
+    Batches are ``(x, y)``, or ``(x, y, au, au_mask)`` with ``with_aus``: au (B, 12) multi-hot
+    over the FED-PsyAU AUs, au_mask (B,) bool, False where the database has no AU labels.
+
     Args:
         samples: all samples (x (N, C, H, W) float32).
         train_idx, val_idx, test_idx: int positions; val may be empty.
@@ -54,11 +58,14 @@ class SplitDataModule(L.LightningDataModule):
     def __init__(
         self, samples: FlowSamples, train_idx: np.ndarray, test_idx: np.ndarray,
         val_idx: np.ndarray | None = None, batch_size: int = 64, shuffle: bool = True,
-        seed: int = 0,
+        seed: int = 0, with_aus: bool = False,
     ) -> None:
         super().__init__()
-        self.x = torch.from_numpy(np.ascontiguousarray(samples.x, dtype=np.float32))
-        self.y = torch.as_tensor(samples.labels.copy())
+        self.tensors = [torch.from_numpy(np.ascontiguousarray(samples.x, dtype=np.float32)),
+                        torch.as_tensor(samples.labels.copy())]
+        if with_aus:
+            au, mask = samples.au_targets()
+            self.tensors += [torch.from_numpy(au), torch.from_numpy(mask)]
         self.train_idx = np.asarray(train_idx)
         self.val_idx = np.asarray(val_idx if val_idx is not None else [], dtype=np.int64)
         self.test_idx = np.asarray(test_idx)
@@ -68,7 +75,8 @@ class SplitDataModule(L.LightningDataModule):
 
     def _loader(self, idx: np.ndarray, shuffle: bool) -> DataLoader:
         t = torch.as_tensor(idx, dtype=torch.long)
-        return batch_loader(self.x[t], self.y[t], self.batch_size, shuffle, self.seed)
+        return batch_loader(*(x[t] for x in self.tensors), batch_size=self.batch_size,
+                            shuffle=shuffle, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_idx, self.shuffle)

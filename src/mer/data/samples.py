@@ -83,6 +83,23 @@ class FlowSamples:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def au_targets(self, au_list: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(N, len(au_list)) float32 multi-hot AU targets and (N,) bool mask of labelled samples.
+
+        Uses meta columns ``aus`` (tuples of AU numbers) and ``has_aus``; without them no sample
+        is labelled (the AU loss is then masked out, never faked).
+        """
+        from mer.data.aus import PSYAU_AUS, multi_hot
+
+        au_list = au_list or PSYAU_AUS
+        n = len(self.meta)
+        if "aus" not in self.meta:
+            return np.zeros((n, len(au_list)), np.float32), np.zeros(n, bool)
+        au = np.stack([multi_hot(a, au_list) for a in self.meta["aus"]]) if n else \
+            np.zeros((0, len(au_list)), np.float32)
+        mask = self.meta["has_aus"].to_numpy(bool) if "has_aus" in self.meta else np.ones(n, bool)
+        return au.astype(np.float32), mask
+
     def subset(self, index: np.ndarray) -> FlowSamples:
         """The samples at ``index`` (int positions), same classes."""
         return FlowSamples(

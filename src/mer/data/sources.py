@@ -19,6 +19,8 @@ from mer.data.databases.casme2 import read_casme2
 from mer.data.labels import apply_label_scheme
 from mer.data.samples import FlowSamples
 
+NO_AU_FAMILIES = {"smic"}
+
 
 class DataConfigError(ValueError):
     """A data config that cannot be served (missing root, unknown kind...)."""
@@ -91,7 +93,10 @@ def load_samples(data_cfg: DictConfig, cache_dir: str | Path) -> FlowSamples:
         on_error=data_cfg.get("on_error", "raise"))
     excluded += failures
     meta = table.iloc[np.asarray(kept, dtype=np.int64)].reset_index(drop=True)
-    meta = meta[["database", "subject", "clip", "label", "emotion", "au_raw", "onset", "apex"]]
+    meta = meta[["database", "subject", "clip", "label", "emotion", "au_raw", "aus", "onset",
+                 "apex"]].copy()
+    # Databases of a family without AU annotation (SMIC) train no AU head: the mask says so.
+    meta["has_aus"] = [families[db] not in NO_AU_FAMILIES for db in meta["database"]]
     provenance["flow"] = params.key()
     return FlowSamples(x, meta, class_names, excluded, provenance["synthetic"], provenance)
 
