@@ -52,6 +52,7 @@ def read_tables(data_cfg: DictConfig, cache_dir: Path) -> tuple[pd.DataFrame, li
         tables, skipped = [], []
         for spec in syn.databases:
             t, s = read_casme2(root / spec.name, database=spec.name, on_error=on_error)
+            t["fps"] = float(spec.fps)  # the CASME II reader assumes CASME II's 200 fps
             tables.append(t)
             skipped += s
         families = {spec.name: data_cfg.families.get(spec.name, "casme2")
