@@ -36,7 +36,7 @@ def test_synme_loso_run_writes_honest_outputs(cache_dir, tmp_path):
     m = results["metrics"]
     assert set(m["per_database"]) == {"tinyA", "tinyB"}
     assert results["protocol"] == {"name": "loso", "folds": 8, "selection": "last",
-                                   "val_subjects": 0}
+                                   "val_subjects": 0, "resumed_folds": []}
     predictions = pd.read_csv(tmp_path / "predictions.csv")
     assert len(predictions) == results["data"]["n_samples"] == m["overall"]["n"]
     # every subject is tested in exactly one fold, its own

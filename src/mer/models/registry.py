@@ -40,4 +40,4 @@ def list_models() -> list[str]:
 
 def _import_all() -> None:
     # Importing the model modules runs their @register_model decorators.
-    from mer.models import offapexnet, ststnet  # noqa: F401
+    from mer.models import dpk_gat, htnet, offapexnet, ststnet, timm_backbone  # noqa: F401
