@@ -114,19 +114,15 @@ def train_fold(samples: FlowSamples, fold: Fold, spec: dict, events=None) -> dic
     import torch
 
     from mer.data.datamodule import SplitDataModule
-    from mer.engine.module import MERModule
-    from mer.models.registry import create_model
+    from mer.engine.build import build_module, uses_aus
 
     start = time.perf_counter()
     seed = int(spec["seed"]) + fold.index
     L.seed_everything(seed, workers=True, verbose=False)
-    m = spec["model"]
-    net = create_model(m["name"], num_classes=samples.num_classes,
-                       in_channels=samples.x.shape[1], **m.get("kwargs", {}))
-    module = MERModule(net, samples.num_classes, lr=m["lr"], weight_decay=m["weight_decay"],
-                       optimizer=m["optimizer"], class_names=samples.class_names)
+    module = build_module(spec["model"], samples, fold.train_idx)
     dm = SplitDataModule(samples, fold.train_idx, fold.test_idx, fold.val_idx,
-                         batch_size=spec["batch_size"], shuffle=spec["shuffle"], seed=seed)
+                         batch_size=spec["batch_size"], shuffle=spec["shuffle"], seed=seed,
+                         with_aus=uses_aus(module))
     callbacks: list = []
     if events is not None:
         callbacks.append(_EpochEvents(events, fold.name))
