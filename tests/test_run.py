@@ -35,8 +35,9 @@ def test_synme_loso_run_writes_honest_outputs(cache_dir, tmp_path):
     assert "SYNTHETIC" in proc.stdout
     m = results["metrics"]
     assert set(m["per_database"]) == {"tinyA", "tinyB"}
-    assert results["protocol"] == {"name": "loso", "folds": 8, "selection": "last",
-                                   "val_subjects": 0, "resumed_folds": []}
+    assert results["protocol"] == {"name": "loso", "folds": 8, "total_folds": 8,
+                                   "partial": False, "selection": "last", "val_subjects": 0,
+                                   "resumed_folds": []}
     predictions = pd.read_csv(tmp_path / "predictions.csv")
     assert len(predictions) == results["data"]["n_samples"] == m["overall"]["n"]
     # every subject is tested in exactly one fold, its own
@@ -63,3 +64,25 @@ def test_megc2019_experiment_on_a_synme_flowcache_export(cache_dir, tmp_path):
     assert set(results["metrics"]["per_database"]) == {"tinyA", "tinyB"}
     assert results["protocol"]["folds"] == 8
 
+
+
+@pytest.mark.slow
+def test_folds_as_separate_jobs_pool_to_the_full_run(cache_dir, tmp_path):
+    from mer.collect import collect
+
+    base = ["+experiment=synme_ststnet", "data.preset=tiny", "trainer.max_epochs=2",
+            "protocol.workers=1"]
+    full, _ = run_mer(base, cache_dir, tmp_path / "full")
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "mer.run", "-m", *base, "protocol.fold_index=0,1,2,3,4,5,6,7",
+           f"hydra.sweep.dir={sweep}", "progress=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "MER_CACHE_DIR": str(cache_dir)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = collect([sweep])
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row.runs, row.folds, row.complete) == (8, 8, True)
+    # each fold seeds itself from its index: the pooled jobs equal the single full run
+    assert row.uf1 == pytest.approx(full["metrics"]["overall"]["uf1"], abs=1e-4)
+    assert row.uar == pytest.approx(full["metrics"]["overall"]["uar"], abs=1e-4)

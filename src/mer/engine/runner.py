@@ -26,9 +26,18 @@ def make_folds(samples: FlowSamples, protocol: DictConfig, seed: int) -> list[Fo
             "training subjects: set protocol.val_subjects (e.g. 0.2). Selecting on the test "
             "fold is not offered."
         )
-    if protocol.name == "loso":
-        return loso_folds(samples, val_subjects=protocol.val_subjects, seed=seed)
-    raise ProtocolError(f"unknown protocol '{protocol.name}'")
+    if protocol.name != "loso":
+        raise ProtocolError(f"unknown protocol '{protocol.name}'")
+    folds = loso_folds(samples, val_subjects=protocol.val_subjects, seed=seed)
+    chosen = protocol.get("fold_index")
+    if chosen is None:
+        return folds
+    chosen = [int(chosen)] if isinstance(chosen, int | str) else [int(i) for i in chosen]
+    bad = [i for i in chosen if not 0 <= i < len(folds)]
+    if bad:
+        raise ProtocolError(f"protocol.fold_index {bad} out of range: {len(folds)} folds "
+                            f"(0..{len(folds) - 1})")
+    return [folds[i] for i in chosen]
 
 
 def training_spec(cfg: DictConfig, log_dir: Path | None) -> dict:
@@ -69,6 +78,7 @@ def run_recognition(cfg: DictConfig, run_dir: Path) -> dict:
     samples = load_samples(cfg.data, cfg.paths.cache_dir)
     t_data = time.perf_counter() - t0
     folds = make_folds(samples, cfg.protocol, int(cfg.seed))
+    total_folds = samples.meta["subject_key"].nunique()
     spec = training_spec(cfg, run_dir / "logs")
     t1 = time.perf_counter()
     fold_results = run_folds(samples, folds, spec, workers=cfg.protocol.workers,
@@ -92,7 +102,8 @@ def run_recognition(cfg: DictConfig, run_dir: Path) -> dict:
             },
             "excluded": samples.excluded,
         },
-        "protocol": {"name": cfg.protocol.name, "folds": len(folds),
+        "protocol": {"name": cfg.protocol.name, "folds": len(folds), "total_folds": total_folds,
+                     "partial": len(folds) < total_folds,
                      "selection": cfg.protocol.select, "val_subjects": cfg.protocol.val_subjects,
                      "resumed_folds": [r["fold"] for r in fold_results if r.get("resumed")]},
         "timings": {"data_s": t_data, "train_s": t_train,

@@ -1,0 +1,93 @@
+"""``python -m mer.collect DIR [DIR ...]``: one table from many runs.
+
+Finds every ``results.json`` under the given folders (a Hydra multirun/sweep folder, SLURM
+array outputs, single runs). Runs that differ only in ``protocol.fold_index`` (one LOSO fold
+per job) are pooled into one result, scored once on their pooled predictions, and checked:
+every fold present exactly once. Writes ``summary.csv`` and ``summary.md`` (to ``--out``,
+default the first folder) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from mer.engine.report import score_predictions
+
+
+class CollectError(ValueError):
+    """Runs that cannot be pooled (a fold twice, mixed class lists...)."""
+
+
+def _group_key(results: dict) -> str:
+    cfg = json.loads(json.dumps(results["config"]))
+    cfg.get("protocol", {}).pop("fold_index", None)
+    cfg.pop("resume", None)
+    cfg.pop("progress", None)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def _overrides(run_dir: Path) -> str:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return ""
+    lines = [ln[2:].strip() for ln in path.read_text().splitlines() if ln.startswith("- ")]
+    return " ".join(ln for ln in lines if not ln.startswith("protocol.fold_index"))
+
+
+def collect(paths: list[Path]) -> pd.DataFrame:
+    """One row per distinct experiment: pooled UF1/UAR/accuracy, folds, completeness."""
+    groups: dict[str, list[tuple[Path, dict]]] = {}
+    for root in paths:
+        for path in sorted(Path(root).rglob("results.json")):
+            results = json.loads(path.read_text())
+            groups.setdefault(_group_key(results), []).append((path.parent, results))
+    if not groups:
+        raise CollectError(f"no results.json under {', '.join(map(str, paths))}")
+    rows = []
+    for runs in groups.values():
+        first_dir, first = runs[0]
+        classes = first["data"]["class_names"]
+        preds = []
+        for run_dir, results in runs:
+            if results["data"]["class_names"] != classes:
+                raise CollectError(f"{run_dir}: class list differs from {first_dir}")
+            preds.append(pd.read_csv(run_dir / "predictions.csv", dtype={"subject": str}))
+        pooled = pd.concat(preds, ignore_index=True)
+        dup = pooled.groupby("fold")["clip"].count()
+        per_run = pd.concat([p.drop_duplicates("fold")[["fold"]] for p in preds])
+        twice = per_run["fold"][per_run["fold"].duplicated()].tolist()
+        if twice:
+            raise CollectError(f"fold(s) {twice} appear in more than one run of the same "
+                               f"experiment (e.g. {first_dir}); remove the duplicate run")
+        m = score_predictions(pooled, classes)["overall"]
+        total = first["protocol"].get("total_folds", len(dup))
+        rows.append({
+            "name": first["name"], "overrides": _overrides(first_dir),
+            "model": first["config"]["model"]["name"], "data": first["config"]["data"]["name"],
+            "synthetic": first["synthetic"], "runs": len(runs), "folds": len(dup),
+            "complete": len(dup) == total, "n": m["n"], "uf1": round(m["uf1"], 4),
+            "uar": round(m["uar"], 4), "accuracy": round(m["accuracy"], 4),
+        })
+    return pd.DataFrame(rows).sort_values(["name", "overrides"]).reset_index(drop=True)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders")
+    parser.add_argument("--out", type=Path, help="where to write summary.csv/.md")
+    args = parser.parse_args(argv)
+    table = collect(args.dirs)
+    out = args.out or args.dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(table.to_markdown(index=False) + "\n")
+    print(table.to_markdown(index=False))
+    return table
+
+
+if __name__ == "__main__":
+    main()
