@@ -65,7 +65,7 @@ class SplitDataModule(L.LightningDataModule):
                         torch.as_tensor(samples.labels.copy())]
         if with_aus:
             au, mask = samples.au_targets()
-            self.tensors += [torch.from_numpy(au), torch.from_numpy(mask)]
+            self.tensors += [torch.tensor(au), torch.tensor(mask)]
         self.train_idx = np.asarray(train_idx)
         self.val_idx = np.asarray(val_idx if val_idx is not None else [], dtype=np.int64)
         self.test_idx = np.asarray(test_idx)
