@@ -45,8 +45,9 @@ def batch_loader(
 class SplitDataModule(L.LightningDataModule):
     """Train / validation / test positions into one :class:`FlowSamples`.
 
-    Batches are ``(x, y)``, or ``(x, y, au, au_mask)`` with ``with_aus``: au (B, 12) multi-hot
-    over the FED-PsyAU AUs, au_mask (B,) bool, False where the database has no AU labels.
+    Batches are ``(x, y)``, or ``(x, y, au, au_mask[, landmarks])`` with ``with_aus``: au (B, 12)
+    multi-hot over the FED-PsyAU AUs, au_mask (B,) bool, False where the database has no AU
+    labels, landmarks (B, 68, 2) in x's pixel frame when the samples have them.
 
     Args:
         samples: all samples (x (N, C, H, W) float32).
@@ -66,6 +67,8 @@ class SplitDataModule(L.LightningDataModule):
         if with_aus:
             au, mask = samples.au_targets()
             self.tensors += [torch.tensor(au), torch.tensor(mask)]
+            if samples.landmarks is not None:
+                self.tensors.append(torch.tensor(samples.landmarks, dtype=torch.float32))
         self.train_idx = np.asarray(train_idx)
         self.val_idx = np.asarray(val_idx if val_idx is not None else [], dtype=np.int64)
         self.test_idx = np.asarray(test_idx)

@@ -56,6 +56,8 @@ class FlowSamples:
         excluded: samples left out on purpose, each ``{"database", "subject", "clip", "reason"}``.
         synthetic: True when the samples come from SynME.
         provenance: where the samples come from (paths, config fingerprints), for results.json.
+        landmarks: optional (N, 68, 2) float32 iBUG-68 landmarks (x, y) in the pixel frame of
+            ``x`` (known for SynME; from the face detector with ``mer.prepare``).
     """
 
     x: np.ndarray
@@ -64,10 +66,14 @@ class FlowSamples:
     excluded: list[dict] = field(default_factory=list)
     synthetic: bool = False
     provenance: dict = field(default_factory=dict)
+    landmarks: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.meta):
             raise ValueError(f"FlowSamples: {len(self.x)} flow images but {len(self.meta)} rows")
+        if self.landmarks is not None and self.landmarks.shape != (len(self.x), 68, 2):
+            raise ValueError(f"FlowSamples: landmarks {self.landmarks.shape}, expected "
+                             f"({len(self.x)}, 68, 2)")
         self.meta = self.meta.reset_index(drop=True)
         if "subject_key" not in self.meta:
             self.meta["subject_key"] = [
@@ -105,4 +111,5 @@ class FlowSamples:
         return FlowSamples(
             self.x[index], self.meta.iloc[index].reset_index(drop=True), self.class_names,
             self.excluded, self.synthetic, self.provenance,
+            None if self.landmarks is None else self.landmarks[index],
         )

@@ -53,6 +53,7 @@ def read_tables(data_cfg: DictConfig, cache_dir: Path) -> tuple[pd.DataFrame, li
         for spec in syn.databases:
             t, s = read_casme2(root / spec.name, database=spec.name, on_error=on_error)
             t["fps"] = float(spec.fps)  # the CASME II reader assumes CASME II's 200 fps
+            t["landmarks"] = _synme_landmarks(root / spec.name, t, spec.width, spec.height)
             tables.append(t)
             skipped += s
         families = {spec.name: data_cfg.families.get(spec.name, "casme2")
@@ -99,7 +100,22 @@ def load_samples(data_cfg: DictConfig, cache_dir: str | Path) -> FlowSamples:
     # Databases of a family without AU annotation (SMIC) train no AU head: the mask says so.
     meta["has_aus"] = [families[db] not in NO_AU_FAMILIES for db in meta["database"]]
     provenance["flow"] = params.key()
-    return FlowSamples(x, meta, class_names, excluded, provenance["synthetic"], provenance)
+    landmarks = None
+    if "landmarks" in table and len(kept):
+        # fractions of the frame -> pixel centres of the out_size x out_size flow image
+        kept_lm = np.stack(list(table["landmarks"].iloc[np.asarray(kept, dtype=np.int64)]))
+        landmarks = (kept_lm * params.out_size - 0.5).astype(np.float32)
+    return FlowSamples(x, meta, class_names, excluded, provenance["synthetic"], provenance,
+                       landmarks)
+
+
+def _synme_landmarks(db_dir: Path, table: pd.DataFrame, width: int, height: int) -> list:
+    """Each row's subject landmarks from SynME's meta, as fractions of the frame (68, 2)."""
+    from mer.data.synthetic import load_meta
+
+    subjects = load_meta(db_dir)["subjects"]
+    scale = np.array([width, height], dtype=np.float64)
+    return [(np.asarray(subjects[s]["landmarks"]) + 0.5) / scale for s in table["subject"]]
 
 
 def _root(data_cfg: DictConfig) -> Path:
