@@ -108,3 +108,25 @@ def test_interrupted_run_resumes_only_unfinished_folds(tmp_path, monkeypatch):
     run_folds(samples, folds, other, workers=1, show_progress=False, done_dir=tmp_path,
               resume=True)
     assert len(trained) == len(folds)
+
+
+def test_epoch_selection_on_validation_subjects(tmp_path):
+    samples = make_samples(n_subjects=3, databases=("dbA",))
+    folds = loso_folds(samples, val_subjects=1, seed=0)
+    spec = {**SPEC, "select": "val_uf1", "log_dir": str(tmp_path),
+            "trainer": {**SPEC["trainer"], "max_epochs": 3}}
+    results = run_folds(samples, folds, spec, workers=1, show_progress=False)
+    for fold, r in zip(folds, results):
+        assert r["probs"].shape == (len(fold.test_idx), 3)
+        ckpts = list((tmp_path / "checkpoints" / fold.name.replace("/", "_")).glob("*.ckpt"))
+        assert len(ckpts) == 1  # the best validation epoch, chosen without the test subject
+
+
+def test_selection_without_validation_subjects_is_refused():
+    from omegaconf import OmegaConf
+
+    from mer.engine.runner import make_folds
+
+    protocol = OmegaConf.create({"name": "loso", "select": "val_uf1", "val_subjects": 0})
+    with pytest.raises(ProtocolError, match="validation subjects"):
+        make_folds(make_samples(), protocol, seed=0)
