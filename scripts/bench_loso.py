@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from mer.data.sources import load_samples
 from mer.engine.metrics import recognition_metrics
@@ -40,8 +40,11 @@ def plain_loso(samples, folds, spec: dict) -> np.ndarray:
         net = create_model(m["name"], num_classes=samples.num_classes, **m.get("kwargs", {}))
         opt = torch.optim.Adam(net.parameters(), lr=m["lr"], weight_decay=m["weight_decay"])
         train = TensorDataset(x_all[fold.train_idx], y_all[fold.train_idx])
-        loader = DataLoader(train, batch_size=spec["batch_size"], shuffle=spec["shuffle"],
-                            generator=torch.Generator().manual_seed(seed))
+        # the same shuffling stream as mer's (a seeded sampler), so that with the same thread
+        # count both sides compute the same thing
+        sampler = RandomSampler(train, generator=torch.Generator().manual_seed(seed)) \
+            if spec["shuffle"] else None
+        loader = DataLoader(train, batch_size=spec["batch_size"], sampler=sampler)
         net.train()
         for _ in range(spec["trainer"]["max_epochs"]):
             for x, y in loader:
@@ -59,6 +62,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--preset", default="default", help="SynME preset: default or tiny")
     parser.add_argument("--workers", default="auto", help="mer fold workers")
+    parser.add_argument("--plain-threads", type=int, default=0,
+                        help="torch threads of the plain loop (0: torch's default, all cores)")
+    parser.add_argument("--folds", type=int, default=0, help="only the first N folds (0: all)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -67,8 +73,10 @@ def main() -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides)
     samples = load_samples(cfg.data, cfg.paths.cache_dir)
-    folds = loso_folds(samples)
+    folds = loso_folds(samples)[:args.folds or None]
     spec = training_spec(cfg, None)
+    if args.plain_threads:
+        torch.set_num_threads(args.plain_threads)
     truth = np.concatenate([samples.labels[f.test_idx] for f in folds])
     print(f"SynME ({args.preset}): {len(samples.meta)} samples, {len(folds)} LOSO folds, "
           f"{args.epochs} epochs, batch {spec['batch_size']}, torch threads "
@@ -86,8 +94,10 @@ def main() -> None:
 
     m_mer = recognition_metrics(truth, pred_mer, samples.class_names)
     m_plain = recognition_metrics(truth, pred_plain, samples.class_names)
+    agree = float((pred_mer == pred_plain).mean())
     figures = {
         "samples": len(samples.meta), "folds": len(folds), "epochs": args.epochs,
+        "plain_threads": torch.get_num_threads(), "prediction_agreement": round(agree, 4),
         "mer_s": round(t_mer, 2), "plain_s": round(t_plain, 2),
         "speedup": round(t_plain / t_mer, 2),
         "mer_uf1": round(m_mer["uf1"], 4), "mer_uar": round(m_mer["uar"], 4),
@@ -96,6 +106,7 @@ def main() -> None:
     print(f"{'':8}{'seconds':>10}{'UF1':>8}{'UAR':>8}")
     print(f"{'mer':8}{t_mer:10.1f}{m_mer['uf1']:8.4f}{m_mer['uar']:8.4f}")
     print(f"{'plain':8}{t_plain:10.1f}{m_plain['uf1']:8.4f}{m_plain['uar']:8.4f}")
+    print(f"plain loop threads {torch.get_num_threads()}; predictions agree on {agree:.1%}")
     print(f"speed-up {figures['speedup']:.2f}x (target >= 1.8x); |dUF1| "
           f"{abs(m_mer['uf1'] - m_plain['uf1']):.4f}, |dUAR| "
           f"{abs(m_mer['uar'] - m_plain['uar']):.4f} (target <= 0.03); SYNTHETIC data")
