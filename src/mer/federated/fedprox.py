@@ -1,0 +1,54 @@
+"""FedProx client objective (Li et al., 2020): the proximal term.
+
+The local loss becomes ``loss + proximal_term(params, global_params, mu)``; the server
+aggregates as FedAvg (:func:`mer.federated.aggregators.fedprox`). FED-PsyAU's P-FedProx uses
+the same term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+
+
+def proximal_term(
+    params: Iterable[torch.Tensor],
+    global_params: Iterable[torch.Tensor | np.ndarray],
+    mu: float,
+) -> torch.Tensor:
+    """``mu/2 * sum_l ||w_l - w_g,l||^2`` (squared L2 norm), a scalar tensor.
+
+    Its gradient with respect to ``w_l`` is ``mu * (w_l - w_g,l)``; the global weights are
+    constants (detached). Note: the example in Flower's FedProx docstring adds the plain norm
+    ``||w - w_g||``; the paper (and this function) uses the squared norm.
+
+    Args:
+        params: the client's trainable tensors (e.g. ``model.parameters()``), any shapes.
+        global_params: the round's global values, same order and shapes (tensors, or numpy
+            arrays, converted on the fly; convert once per round for speed).
+        mu: proximal weight, >= 0.
+
+    Returns:
+        0-dim tensor on the device and dtype of the first parameter.
+    """
+    if mu < 0:
+        raise ValueError(f"proximal_term: mu must be >= 0, got {mu}")
+    params = list(params)
+    global_params = list(global_params)
+    if len(params) != len(global_params):
+        raise ValueError(
+            f"proximal_term: {len(params)} parameters but {len(global_params)} global values"
+        )
+    if not params:
+        return torch.zeros(())
+    total = torch.zeros((), device=params[0].device, dtype=params[0].dtype)
+    for i, (w, g) in enumerate(zip(params, global_params)):
+        g = torch.as_tensor(g, device=w.device, dtype=w.dtype).detach()
+        if g.shape != w.shape:
+            raise ValueError(
+                f"proximal_term: parameter #{i} has shape {tuple(w.shape)}, global {tuple(g.shape)}"
+            )
+        total = total + (w - g).pow(2).sum()
+    return 0.5 * mu * total
