@@ -29,6 +29,14 @@ class MERModule(L.LightningModule):
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self._val_preds: list[torch.Tensor] = []
         self._val_true: list[torch.Tensor] = []
+        self.proximal_mu = 0.0
+        self._proximal_anchor: list[torch.Tensor] = []
+
+    def set_proximal(self, mu: float, anchor: list[torch.Tensor] | None = None) -> None:
+        """FedProx: add ``mu/2 * ||w - anchor||^2`` over the net's parameters to the training
+        loss (``anchor`` = the round's global parameters, in ``net.parameters()`` order)."""
+        self.proximal_mu = float(mu)
+        self._proximal_anchor = [a.detach().clone() for a in anchor] if anchor else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -44,7 +52,15 @@ class MERModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self.compute_loss(batch)
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch[1]))
-        return loss
+        return loss + self.proximal_loss()
+
+    def proximal_loss(self) -> torch.Tensor | float:
+        """The FedProx term, 0 outside federated training."""
+        if not self.proximal_mu:
+            return 0.0
+        from mer.federated.fedprox import proximal_term
+
+        return proximal_term(self.net.parameters(), self._proximal_anchor, self.proximal_mu)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, logits = self.compute_loss(batch)
