@@ -66,3 +66,41 @@ def test_fed_psyau_main_job_runs(tmp_path_factory):
     assert fed["final"]["pooled_global"]["n"] == sum(c["test"] for c in fed["clients"].values())
     assert all(r["clients"] == ["tinyA", "tinyB"] for r in fed["rounds"])
     assert results["config"]["model"]["prior"] == {"schedule": "fixed", "ratio": 0.3}
+
+
+def test_fedavg_one_client_one_epoch_equals_centralised_training():
+    import lightning as L
+    from omegaconf import OmegaConf
+
+    from mer.data.datamodule import SplitDataModule
+    from mer.engine.build import build_module
+    from mer.federated.loop import FederatedRun, get_weights, set_weights
+
+    s = samples(n_db=1, n_subjects=6, per_subject=4)
+    s.x[:] = np.random.default_rng(0).random(s.x.shape, dtype=np.float32)
+    cfg = OmegaConf.create({
+        "seed": 3, "data": {"batch_size": 8, "shuffle": True},
+        "trainer": {"accelerator": "cpu", "devices": 1, "deterministic": True},
+        "model": {"name": "ststnet", "lr": 1e-2, "weight_decay": 0.0, "optimizer": "adam",
+                  "kwargs": {}},
+        "federated": {"rule": {"name": "fedavg"}, "mu": 0.0, "personalise": None,
+                      "server_opt": {"name": "sgd", "lr": 1.0, "momentum": 0.0},
+                      "local_epochs": 1, "fraction": 1.0, "min_clients": 1},
+    })
+    client = natural_clients(s, test_fraction=0.3, seed=0)[0]
+    run = FederatedRun(cfg, s, [client])
+    start = [w.copy() for w in run.global_weights]
+    run.round(1)
+
+    # the same epoch, centralised: same start, same seed, same batches
+    seed = 3 * 100_003 + 1 * 101 + 0
+    L.seed_everything(seed, verbose=False)
+    module = build_module(OmegaConf.to_container(cfg.model), s, client.train_idx)
+    set_weights(module, start)
+    dm = SplitDataModule(s, client.train_idx, client.test_idx, batch_size=8, shuffle=True,
+                         seed=seed)
+    L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+              enable_model_summary=False, deterministic=True).fit(module, datamodule=dm)
+    for fed_w, central_w in zip(run.global_weights, get_weights(module)):
+        np.testing.assert_allclose(fed_w, central_w, rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(a, b) for a, b in zip(start, run.global_weights))
