@@ -104,3 +104,45 @@ def test_fedavg_one_client_one_epoch_equals_centralised_training():
     for fed_w, central_w in zip(run.global_weights, get_weights(module)):
         np.testing.assert_allclose(fed_w, central_w, rtol=1e-6, atol=1e-7)
     assert any(not np.allclose(a, b) for a, b in zip(start, run.global_weights))
+
+
+@pytest.mark.parametrize("kind", ["iid", "dirichlet", "quantity"])
+def test_subject_partitions_are_clean(kind):
+    from mer.federated.partition import subject_clients
+
+    s = samples(n_db=2, n_subjects=10)
+    clients = subject_clients(s, 4, kind, alpha=0.3, seed=2)
+    assert len(clients) == 4
+    check_partition(s, clients)
+    keys = s.meta["subject_key"].to_numpy()
+    for c in clients:
+        assert len(set(keys[c.train_idx])) >= 1 and len(set(keys[c.test_idx])) >= 1
+    held = np.concatenate([np.concatenate([c.train_idx, c.test_idx]) for c in clients])
+    assert sorted(held) == list(range(len(keys)))  # nothing dropped
+
+
+def test_dirichlet_small_alpha_skews_labels_more_than_iid():
+    from mer.federated.partition import subject_clients
+
+    rows = [{"database": "db", "subject": f"s{s}", "clip": f"c{c}", "label": s % 3}
+            for s in range(60) for c in range(2)]
+    s = FlowSamples(np.zeros((len(rows), 3, 28, 28), np.float32), pd.DataFrame(rows),
+                    ["a", "b", "c"])
+
+    def skew(clients):  # mean over clients of the largest class share
+        shares = []
+        for c in clients:
+            counts = np.bincount(s.labels[np.concatenate([c.train_idx, c.test_idx])],
+                                 minlength=3)
+            shares.append(counts.max() / counts.sum())
+        return np.mean(shares)
+
+    assert skew(subject_clients(s, 4, "dirichlet", alpha=0.05, seed=0)) > \
+        skew(subject_clients(s, 4, "iid", seed=0)) + 0.15
+
+
+def test_more_clients_than_subjects_is_refused():
+    from mer.federated.partition import subject_clients
+
+    with pytest.raises(PartitionError, match="at most 2 clients"):
+        subject_clients(samples(n_db=1, n_subjects=5), 3)

@@ -27,7 +27,12 @@ from mer.engine.build import build_module, uses_aus
 from mer.engine.metrics import recognition_metrics
 from mer.engine.module import MERModule
 from mer.federated import aggregators
-from mer.federated.partition import ClientData, check_partition, natural_clients
+from mer.federated.partition import (
+    ClientData,
+    check_partition,
+    natural_clients,
+    subject_clients,
+)
 from mer.federated.server_opt import FedAdagrad, FedAdam, FedYogi, ServerOptimizer, ServerSGD
 
 log = logging.getLogger(__name__)
@@ -186,7 +191,8 @@ def make_clients(cfg: DictConfig, samples: FlowSamples) -> list[ClientData]:
     part = cfg.federated.partition
     if part.kind == "natural":
         return natural_clients(samples, float(part.test_fraction), int(cfg.seed))
-    raise ValueError(f"unknown partition '{part.kind}' (natural)")
+    return subject_clients(samples, int(part.num_clients), part.kind, float(part.get("alpha", 0.5)),
+                           float(part.test_fraction), int(cfg.seed))
 
 
 def run_federated(cfg: DictConfig, samples: FlowSamples, show_progress: bool = True) -> dict:

@@ -51,6 +51,49 @@ def natural_clients(samples: FlowSamples, test_fraction: float = 0.3,
     return clients
 
 
+def subject_clients(samples: FlowSamples, num_clients: int, kind: str = "iid",
+                    alpha: float = 0.5, test_fraction: float = 0.3,
+                    seed: int = 0) -> list[ClientData]:
+    """Subject-disjoint clients carved from the samples (one database or a pool).
+
+    kinds: ``iid`` (subjects shuffled and dealt round-robin); ``dirichlet`` (label skew: each
+    class has client proportions drawn from Dir(alpha) and a subject goes to a client drawn by
+    the proportions of its majority class); ``quantity`` (client shares of the subjects drawn
+    from Dir(alpha)). Every client gets at least 2 subjects so it can hold a test subject.
+    """
+    keys = samples.meta["subject_key"].to_numpy()
+    subjects = sorted(set(keys))
+    if num_clients < 1 or 2 * num_clients > len(subjects):
+        raise PartitionError(
+            f"{num_clients} clients need at least {2 * num_clients} subjects (2 each, for a "
+            f"subject-disjoint train/test split); the data has {len(subjects)}. Ask for at most "
+            f"{len(subjects) // 2} clients.")
+    rng = np.random.default_rng([seed, 7])
+    order = list(rng.permutation(subjects))
+    owner: dict[str, int] = {s: i % num_clients for i, s in enumerate(order[:2 * num_clients])}
+    rest = order[2 * num_clients:]  # two subjects each first, then the kind decides the rest
+    if kind == "iid":
+        owner.update({s: i % num_clients for i, s in enumerate(rest)})
+    elif kind == "quantity":
+        share = rng.dirichlet(np.full(num_clients, alpha))
+        owner.update({s: int(rng.choice(num_clients, p=share)) for s in rest})
+    elif kind == "dirichlet":
+        labels = samples.labels
+        proportions = rng.dirichlet(np.full(num_clients, alpha), size=samples.num_classes)
+        for s in rest:
+            major = int(np.bincount(labels[keys == s], minlength=samples.num_classes).argmax())
+            owner[s] = int(rng.choice(num_clients, p=proportions[major]))
+    else:
+        raise PartitionError(f"unknown partition '{kind}': natural, iid, dirichlet, quantity")
+    clients = []
+    for k in range(num_clients):
+        mine = [s for s in subjects if owner[s] == k]
+        positions = np.flatnonzero(np.isin(keys, mine))
+        clients.append(_split_subjects(samples, positions, test_fraction,
+                                       np.random.default_rng([seed, k]), f"client{k}"))
+    return clients
+
+
 def check_partition(samples: FlowSamples, clients: list[ClientData]) -> None:
     """Raise PartitionError if a sample or subject is in two clients or on both sides."""
     keys = samples.meta["subject_key"].to_numpy()
