@@ -146,3 +146,43 @@ def test_more_clients_than_subjects_is_refused():
 
     with pytest.raises(PartitionError, match="at most 2 clients"):
         subject_clients(samples(n_db=1, n_subjects=5), 3)
+
+
+def _fed_cfg(**faults):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "seed": 0, "data": {"batch_size": 8, "shuffle": True},
+        "trainer": {"accelerator": "cpu", "devices": 1, "deterministic": True},
+        "model": {"name": "ststnet", "lr": 1e-2, "weight_decay": 0.0, "optimizer": "adam",
+                  "kwargs": {}},
+        "federated": {"rule": {"name": "fedavg"}, "mu": 0.0, "personalise": None,
+                      "server_opt": {"name": "sgd", "lr": 1.0, "momentum": 0.0},
+                      "local_epochs": 1, "fraction": 1.0, "min_clients": 1, "faults": faults},
+    })
+
+
+def test_a_crashing_client_does_not_stop_the_round():
+    from mer.federated.loop import FederatedRun
+
+    s = samples(n_db=3, n_subjects=4)
+    clients = natural_clients(s, seed=0)
+    run = FederatedRun(_fed_cfg(crash=[{"client": "db1", "round": 1}]), s, clients)
+    before = [w.copy() for w in run.global_weights]
+    stats = run.round(1)
+    assert stats["clients"] == ["db0", "db2"] and stats["failed"] == ["db1"]
+    assert run.failures[0]["client"] == "db1" and "injected" in run.failures[0]["error"]
+    assert any(not np.array_equal(a, b) for a, b in zip(before, run.global_weights))
+    assert run.round(2)["failed"] == []  # only round 1 was faulty
+
+
+def test_all_clients_dropping_out_leaves_the_global_model_unchanged():
+    from mer.federated.loop import FederatedRun
+
+    s = samples(n_db=2, n_subjects=4)
+    run = FederatedRun(_fed_cfg(dropout=1.0), s, natural_clients(s, seed=0))
+    before = [w.copy() for w in run.global_weights]
+    stats = run.round(1)
+    assert stats["dropped"] == ["db0", "db1"] and stats["clients"] == []
+    for a, b in zip(before, run.global_weights):
+        np.testing.assert_array_equal(a, b)

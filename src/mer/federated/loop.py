@@ -88,6 +88,7 @@ class FederatedRun:
         self.personal: dict[str, Weights] = {}
         self.server_opt = make_server_optimizer(self.fed.server_opt)
         self.excluded: list[dict] = []
+        self.failures: list[dict] = []
         self.curves: list[dict] = []
 
     # -- client side ---------------------------------------------------------------------------
@@ -140,12 +141,36 @@ class FederatedRun:
         rng = np.random.default_rng([self.seed, rnd])
         return sorted(rng.choice(n, m, replace=False).tolist())
 
+    def _local_results(self, rnd: int, chosen: list[int]) -> tuple[list, list[str], list, list]:
+        """Train the chosen clients, minus dropouts and failures (both logged and counted)."""
+        faults = self.fed.get("faults") or {}
+        rng = np.random.default_rng([self.seed, rnd, 1])
+        results, names, dropped, failed = [], [], [], []
+        for k in chosen:
+            name = self.clients[k].name
+            if rng.random() < float(faults.get("dropout", 0.0)):
+                dropped.append(name)
+                continue
+            try:
+                if {"client": name, "round": rnd} in (faults.get("crash") or []):
+                    raise RuntimeError("injected fault (federated.faults.crash)")
+                results.append(self.train_client(self.clients[k], rnd, k))
+                names.append(name)
+            except Exception as e:  # a lab's failure must not stop the federation
+                log.warning("round %d: client %s failed: %s", rnd, name, e)
+                failed.append({"round": rnd, "client": name, "error": repr(e)})
+        return results, names, dropped, failed
+
     def round(self, rnd: int) -> dict:
-        """One round: local training at the selected clients, checks, aggregation, server step."""
+        """One round: local training at the selected clients, checks, aggregation, server step.
+
+        Dropped-out and failing clients are left out of the round (logged and counted); with
+        no update left the global model stays as it was.
+        """
         t0 = time.perf_counter()
         chosen = self.select_clients(rnd)
-        results = [self.train_client(self.clients[k], rnd, k) for k in chosen]
-        names = [self.clients[k].name for k in chosen]
+        results, names, dropped, failed = self._local_results(rnd, chosen)
+        self.failures += failed
         t_clients = time.perf_counter() - t0
         kept, excluded = aggregators.check_updates(results, names, self.global_weights)
         for name, reason in excluded.items():
@@ -154,6 +179,8 @@ class FederatedRun:
         if kept:
             agg = aggregate(self.fed.rule, kept)
             self.global_weights = self.server_opt.step(self.global_weights, agg)
+        else:
+            log.warning("round %d: no client update to aggregate; global model unchanged", rnd)
         personalise = self.fed.get("personalise")
         if personalise and kept:
             kept_names = [n for n in names if n not in excluded]
@@ -161,6 +188,7 @@ class FederatedRun:
                 [w for w, _ in kept], [n for _, n in kept], own=float(personalise.own))
             self.personal.update(dict(zip(kept_names, mixed)))
         return {"round": rnd, "clients": names, "excluded": sorted(excluded),
+                "dropped": dropped, "failed": [f["client"] for f in failed],
                 "client_s": t_clients, "server_s": time.perf_counter() - t0 - t_clients,
                 "bytes_per_client": int(sum(a.nbytes for a in self.global_weights))}
 
@@ -219,4 +247,6 @@ def run_federated(cfg: DictConfig, samples: FlowSamples, show_progress: bool = T
                                  np.concatenate([c.train_idx, c.test_idx])].nunique())}
                     for c in clients},
         "final": final, "curves": run.curves, "rounds": stats, "excluded_updates": run.excluded,
+        "client_failures": run.failures,
+        "dropouts": sum(len(r["dropped"]) for r in stats),
     }
