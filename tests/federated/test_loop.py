@@ -66,6 +66,10 @@ def test_fed_psyau_main_job_runs(tmp_path_factory):
     assert fed["final"]["pooled_global"]["n"] == sum(c["test"] for c in fed["clients"].values())
     assert all(r["clients"] == ["tinyA", "tinyB"] for r in fed["rounds"])
     assert results["config"]["model"]["prior"] == {"schedule": "fixed", "ratio": 0.3}
+    base = fed["baselines"]  # pooled and local-only training on the same test splits
+    assert base["epochs"] == 2 * 2
+    assert set(base["per_client"]["tinyA"]) == {"pooled", "local"}
+    assert base["pooled_pooled"]["n"] == fed["final"]["pooled_global"]["n"]
 
 
 def test_fedavg_one_client_one_epoch_equals_centralised_training():

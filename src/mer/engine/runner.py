@@ -160,6 +160,20 @@ def _print_federated(results: dict, run_dir: Path) -> None:
                       f"{p['uf1']:.4f}", f"{p['uar']:.4f}")
     console = Console()
     console.print(table)
+    base = results["federated"].get("baselines")
+    if base:
+        t = Table(title="federated vs pooled vs local (same test splits; UF1 / UAR)")
+        for col in ("client", "federated global", "federated personalised", "pooled", "local"):
+            t.add_column(col)
+        scopes = list(final["per_client"]) + ["pooled"]
+        for scope in scopes:
+            def cell(src: dict, kind: str, scope: str = scope) -> str:
+                m = src[f"pooled_{kind}"] if scope == "pooled" else src["per_client"][scope][kind]
+                return f"{m['uf1']:.3f} / {m['uar']:.3f}"
+
+            t.add_row(scope, cell(final, "global"), cell(final, "personalised"),
+                      cell(base, "pooled"), cell(base, "local"))
+        console.print(t)
     console.print(f"outputs: {run_dir}")
 
 

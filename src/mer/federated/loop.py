@@ -85,6 +85,7 @@ class FederatedRun:
         L.seed_everything(self.seed, verbose=False)
         self.template = build_module(self.model_cfg, samples, train_all)
         self.global_weights = get_weights(self.template)
+        self.initial_weights = [w.copy() for w in self.global_weights]
         self.personal: dict[str, Weights] = {}
         self.server_opt = make_server_optimizer(self.fed.server_opt)
         self.excluded: list[dict] = []
@@ -105,25 +106,43 @@ class FederatedRun:
                                shuffle=bool(self.cfg.data.shuffle), seed=seed,
                                with_aus=uses_aus(module))
 
-    def train_client(self, client: ClientData, rnd: int, k: int) -> tuple[Weights, int]:
-        """Local training of one client from its starting model; returns (weights, n)."""
-        seed = self.seed * 100_003 + rnd * 101 + k
+    def fit(self, start: Weights, train: ClientData, epochs: int, seed: int,
+            anchor: Weights | None = None) -> Weights:
+        """Train from ``start`` on ``train.train_idx`` for ``epochs`` with a fresh Trainer
+        (FedProx term towards ``anchor`` when ``federated.mu`` > 0); the new weights."""
         L.seed_everything(seed, verbose=False)
-        start = self.personal.get(client.name, self.global_weights)
         module = self._module(start)
-        if self.fed.mu:
-            anchor = self._module(self.global_weights)
-            module.set_proximal(float(self.fed.mu), list(anchor.net.parameters()))
+        if anchor is not None and self.fed.mu:
+            module.set_proximal(float(self.fed.mu), list(self._module(anchor).net.parameters()))
         trainer_kwargs = OmegaConf.to_container(self.cfg.trainer, resolve=True)
-        trainer_kwargs["max_epochs"] = int(self.fed.local_epochs)
+        trainer_kwargs["max_epochs"] = int(epochs)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             trainer = L.Trainer(logger=False, enable_progress_bar=False,
                                 enable_model_summary=False, enable_checkpointing=False,
                                 limit_val_batches=0, **trainer_kwargs)
-            trainer.fit(module, datamodule=self._datamodule(client, client.test_idx, seed,
+            trainer.fit(module, datamodule=self._datamodule(train, train.test_idx, seed,
                                                             module))
-        return get_weights(module), len(client.train_idx)
+        return get_weights(module)
+
+    def train_client(self, client: ClientData, rnd: int, k: int) -> tuple[Weights, int]:
+        """Local training of one client from its starting model; returns (weights, n)."""
+        start = self.personal.get(client.name, self.global_weights)
+        seed = self.seed * 100_003 + rnd * 101 + k
+        weights = self.fit(start, client, int(self.fed.local_epochs), seed,
+                           anchor=self.global_weights)
+        return weights, len(client.train_idx)
+
+    def baselines(self, epochs: int) -> dict:
+        """Pooled (centralised on all clients' training splits) and local-only training, from
+        the same initial model, each scored on every client's own test split."""
+        pooled_train = ClientData("pooled", np.concatenate([c.train_idx for c in self.clients]),
+                                  np.array([], dtype=np.int64))
+        pooled = self.fit(self.initial_weights, pooled_train, epochs, self.seed + 1)
+        local = {c.name: self.fit(self.initial_weights, c, epochs, self.seed + 2 + k)
+                 for k, c in enumerate(self.clients)}
+        return {"epochs": epochs,
+                **self.evaluate({"pooled": lambda c: pooled, "local": lambda c: local[c.name]})}
 
     def predict(self, weights: Weights, client: ClientData) -> np.ndarray:
         """(n_test, K) class probabilities of ``weights`` on a client's test split."""
@@ -192,25 +211,33 @@ class FederatedRun:
                 "client_s": t_clients, "server_s": time.perf_counter() - t0 - t_clients,
                 "bytes_per_client": int(sum(a.nbytes for a in self.global_weights))}
 
-    def evaluate(self) -> dict:
-        """Per-client and pooled test metrics of the global and the personalised models."""
+    def evaluate(self, models: dict | None = None) -> dict:
+        """Per-client and pooled test metrics of each model kind.
+
+        ``models`` maps a kind to ``client -> weights``; by default the global model and each
+        client's personalised model.
+        """
+        models = models or {
+            "global": lambda c: self.global_weights,
+            "personalised": lambda c: self.personal.get(c.name, self.global_weights),
+        }
         names = self.samples.class_names
         out: dict = {"per_client": {}}
-        pooled: dict[str, list] = {"global": [], "personalised": [], "label": []}
+        preds: dict[str, list] = {kind: [] for kind in models}
+        labels = []
         for c in self.clients:
             y = self.samples.labels[c.test_idx]
+            labels.append(y)
             row = {}
-            for kind, w in (("global", self.global_weights),
-                            ("personalised", self.personal.get(c.name, self.global_weights))):
-                pred = self.predict(w, c).argmax(1)
-                pooled[kind].append(pred)
+            for kind, weights_of in models.items():
+                pred = self.predict(weights_of(c), c).argmax(1)
+                preds[kind].append(pred)
                 m = recognition_metrics(y, pred, names)
                 row[kind] = {k: m[k] for k in ("n", "uf1", "uar", "accuracy")}
-            pooled["label"].append(y)
             out["per_client"][c.name] = row
-        y = np.concatenate(pooled["label"])
-        for kind in ("global", "personalised"):
-            m = recognition_metrics(y, np.concatenate(pooled[kind]), names)
+        y = np.concatenate(labels)
+        for kind in models:
+            m = recognition_metrics(y, np.concatenate(preds[kind]), names)
             out[f"pooled_{kind}"] = {k: m[k] for k in ("n", "uf1", "uar", "accuracy")}
         return out
 
@@ -241,7 +268,12 @@ def run_federated(cfg: DictConfig, samples: FlowSamples, show_progress: bool = T
                 run.curves.append({"round": rnd, **run.evaluate()})
             progress.advance(task)
     final = run.curves[-1]
+    baselines = None
+    if cfg.federated.get("baselines", False):
+        epochs = cfg.federated.get("baseline_epochs") or rounds * int(cfg.federated.local_epochs)
+        baselines = run.baselines(int(epochs))
     return {
+        "baselines": baselines,
         "clients": {c.name: {"train": len(c.train_idx), "test": len(c.test_idx),
                              "subjects": int(samples.meta["subject_key"].iloc[
                                  np.concatenate([c.train_idx, c.test_idx])].nunique())}
