@@ -82,15 +82,7 @@ def test_fedavg_one_client_one_epoch_equals_centralised_training():
 
     s = samples(n_db=1, n_subjects=6, per_subject=4)
     s.x[:] = np.random.default_rng(0).random(s.x.shape, dtype=np.float32)
-    cfg = OmegaConf.create({
-        "seed": 3, "data": {"batch_size": 8, "shuffle": True},
-        "trainer": {"accelerator": "cpu", "devices": 1, "deterministic": True},
-        "model": {"name": "ststnet", "lr": 1e-2, "weight_decay": 0.0, "optimizer": "adam",
-                  "kwargs": {}},
-        "federated": {"rule": {"name": "fedavg"}, "mu": 0.0, "personalise": None,
-                      "server_opt": {"name": "sgd", "lr": 1.0, "momentum": 0.0},
-                      "local_epochs": 1, "fraction": 1.0, "min_clients": 1},
-    })
+    cfg = _fed_cfg(seed=3)
     client = natural_clients(s, test_fraction=0.3, seed=0)[0]
     run = FederatedRun(cfg, s, [client])
     start = [w.copy() for w in run.global_weights]
@@ -152,11 +144,11 @@ def test_more_clients_than_subjects_is_refused():
         subject_clients(samples(n_db=1, n_subjects=5), 3)
 
 
-def _fed_cfg(**faults):
+def _fed_cfg(seed=0, **faults):
     from omegaconf import OmegaConf
 
     return OmegaConf.create({
-        "seed": 0, "data": {"batch_size": 8, "shuffle": True},
+        "seed": seed, "data": {"batch_size": 8, "shuffle": True},
         "trainer": {"accelerator": "cpu", "devices": 1, "deterministic": True},
         "model": {"name": "ststnet", "lr": 1e-2, "weight_decay": 0.0, "optimizer": "adam",
                   "kwargs": {}},
