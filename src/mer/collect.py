@@ -57,19 +57,19 @@ def collect(paths: list[Path]) -> pd.DataFrame:
                 raise CollectError(f"{run_dir}: class list differs from {first_dir}")
             preds.append(pd.read_csv(run_dir / "predictions.csv", dtype={"subject": str}))
         pooled = pd.concat(preds, ignore_index=True)
-        dup = pooled.groupby("fold")["clip"].count()
+        fold_sizes = pooled.groupby("fold")["clip"].count()
         per_run = pd.concat([p.drop_duplicates("fold")[["fold"]] for p in preds])
         twice = per_run["fold"][per_run["fold"].duplicated()].tolist()
         if twice:
             raise CollectError(f"fold(s) {twice} appear in more than one run of the same "
                                f"experiment (e.g. {first_dir}); remove the duplicate run")
         m = score_predictions(pooled, classes)["overall"]
-        total = first["protocol"].get("total_folds", len(dup))
+        total = first["protocol"].get("total_folds", len(fold_sizes))
         rows.append({
             "name": first["name"], "overrides": _overrides(first_dir),
             "model": first["config"]["model"]["name"], "data": first["config"]["data"]["name"],
-            "synthetic": first["synthetic"], "runs": len(runs), "folds": len(dup),
-            "complete": len(dup) == total, "n": m["n"], "uf1": round(m["uf1"], 4),
+            "synthetic": first["synthetic"], "runs": len(runs), "folds": len(fold_sizes),
+            "complete": len(fold_sizes) == total, "n": m["n"], "uf1": round(m["uf1"], 4),
             "uar": round(m["uar"], 4), "accuracy": round(m["accuracy"], 4),
         })
     return pd.DataFrame(rows).sort_values(["name", "overrides"]).reset_index(drop=True)

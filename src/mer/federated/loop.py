@@ -83,8 +83,7 @@ class FederatedRun:
         # The server sums the clients' AU co-occurrence counts: the prior of all training splits.
         train_all = np.concatenate([c.train_idx for c in clients])
         L.seed_everything(self.seed, verbose=False)
-        self.template = build_module(self.model_cfg, samples, train_all)
-        self.global_weights = get_weights(self.template)
+        self.global_weights = get_weights(build_module(self.model_cfg, samples, train_all))
         self.initial_weights = [w.copy() for w in self.global_weights]
         self.personal: dict[str, Weights] = {}
         self.server_opt = make_server_optimizer(self.fed.server_opt)
@@ -107,13 +106,13 @@ class FederatedRun:
                                with_aus=uses_aus(module))
 
     def fit(self, start: Weights, train: ClientData, epochs: int, seed: int,
-            anchor: Weights | None = None) -> Weights:
+            anchor: list[torch.Tensor] | None = None) -> Weights:
         """Train from ``start`` on ``train.train_idx`` for ``epochs`` with a fresh Trainer
-        (FedProx term towards ``anchor`` when ``federated.mu`` > 0); the new weights."""
+        (FedProx term towards the ``anchor`` parameters when ``federated.mu`` > 0)."""
         L.seed_everything(seed, verbose=False)
         module = self._module(start)
         if anchor is not None and self.fed.mu:
-            module.set_proximal(float(self.fed.mu), list(self._module(anchor).net.parameters()))
+            module.set_proximal(float(self.fed.mu), anchor)
         trainer_kwargs = OmegaConf.to_container(self.cfg.trainer, resolve=True)
         trainer_kwargs["max_epochs"] = int(epochs)
         with warnings.catch_warnings():
@@ -125,12 +124,12 @@ class FederatedRun:
                                                             module))
         return get_weights(module)
 
-    def train_client(self, client: ClientData, rnd: int, k: int) -> tuple[Weights, int]:
+    def train_client(self, client: ClientData, rnd: int, k: int,
+                     anchor: list[torch.Tensor] | None = None) -> tuple[Weights, int]:
         """Local training of one client from its starting model; returns (weights, n)."""
         start = self.personal.get(client.name, self.global_weights)
         seed = self.seed * 100_003 + rnd * 101 + k
-        weights = self.fit(start, client, int(self.fed.local_epochs), seed,
-                           anchor=self.global_weights)
+        weights = self.fit(start, client, int(self.fed.local_epochs), seed, anchor=anchor)
         return weights, len(client.train_idx)
 
     def baselines(self, epochs: int) -> dict:
@@ -165,6 +164,9 @@ class FederatedRun:
         faults = self.fed.get("faults") or {}
         rng = np.random.default_rng([self.seed, rnd, 1])
         results, names, dropped, failed = [], [], [], []
+        # the round's global parameters, the FedProx anchor of every client (built once)
+        anchor = list(self._module(self.global_weights).net.parameters()) if self.fed.mu \
+            else None
         for k in chosen:
             name = self.clients[k].name
             if rng.random() < float(faults.get("dropout", 0.0)):
@@ -173,7 +175,7 @@ class FederatedRun:
             try:
                 if {"client": name, "round": rnd} in (faults.get("crash") or []):
                     raise RuntimeError("injected fault (federated.faults.crash)")
-                results.append(self.train_client(self.clients[k], rnd, k))
+                results.append(self.train_client(self.clients[k], rnd, k, anchor))
                 names.append(name)
             except Exception as e:  # a lab's failure must not stop the federation
                 log.warning("round %d: client %s failed: %s", rnd, name, e)
