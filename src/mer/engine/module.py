@@ -31,12 +31,25 @@ class MERModule(L.LightningModule):
         self._val_true: list[torch.Tensor] = []
         self.proximal_mu = 0.0
         self._proximal_anchor: list[torch.Tensor] = []
+        self._grad_correction: dict[str, torch.Tensor] = {}
 
     def set_proximal(self, mu: float, anchor: list[torch.Tensor] | None = None) -> None:
         """FedProx: add ``mu/2 * ||w - anchor||^2`` over the net's parameters to the training
         loss (``anchor`` = the round's global parameters, in ``net.parameters()`` order)."""
         self.proximal_mu = float(mu)
         self._proximal_anchor = [a.detach().clone() for a in anchor] if anchor else []
+
+    def set_grad_correction(self, correction: dict[str, torch.Tensor] | None) -> None:
+        """SCAFFOLD: add ``correction[name]`` (= c - c_i, shaped like the parameter) to the
+        gradient of each named parameter of the net before every optimiser step."""
+        self._grad_correction = dict(correction or {})
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._grad_correction:
+            return
+        for name, p in self.net.named_parameters():
+            if p.grad is not None and name in self._grad_correction:
+                p.grad.add_(self._grad_correction[name].to(p.grad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

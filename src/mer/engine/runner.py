@@ -118,15 +118,17 @@ def run_recognition(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def run_federated_experiment(cfg: DictConfig, run_dir: Path) -> dict:
-    """A federated run: results.json with per-round curves, per-client and pooled figures."""
+    """A federated run: results.json with per-round curves, per-client and pooled figures,
+    predictions.csv, curves.csv and rounds.csv (CSV logs), W&B with ``logger=wandb``."""
     import json
 
-    from mer.federated.loop import run_federated
+    from mer.federated.protocols import run_federated_protocol
 
     t0 = time.perf_counter()
     samples = load_samples(cfg.data, cfg.paths.cache_dir)
     t_data = time.perf_counter() - t0
-    fed = run_federated(cfg, samples, show_progress=bool(cfg.progress))
+    fed = run_federated_protocol(cfg, samples, run_dir, show_progress=bool(cfg.progress))
+    predictions = fed.pop("predictions")
     results = {
         "name": cfg.name, "synthetic": samples.synthetic, "federated": fed,
         "data": {**samples.provenance, "synthetic": samples.synthetic,
@@ -138,16 +140,53 @@ def run_federated_experiment(cfg: DictConfig, run_dir: Path) -> dict:
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    _federated_tables(samples, fed, predictions, run_dir)
+    _log_wandb_federated(cfg, run_dir, results)
     _print_federated(results, run_dir)
     return results
+
+
+def _federated_tables(samples: FlowSamples, fed: dict, predictions: dict, run_dir: Path) -> None:
+    """predictions.csv (one row per test clip, one column per model kind), curves.csv and
+    rounds.csv."""
+    idx = predictions["index"]
+    meta = samples.meta.iloc[idx]
+    df = pd.DataFrame({"database": meta["database"].to_numpy(),
+                       "subject": meta["subject"].to_numpy(), "clip": meta["clip"].to_numpy(),
+                       "label": meta["label"].to_numpy()})
+    for kind, pred in predictions["pred"].items():
+        df[f"pred_{kind}"] = pred
+    df.to_csv(run_dir / "predictions.csv", index=False)
+    rows = [{"round": c["round"], "client": client, "model": kind, **m}
+            for c in fed.get("curves", []) for client, r in
+            list(c["per_client"].items()) + [("pooled", {k[len("pooled_"):]: v for k, v in c.items()
+                                                       if k.startswith("pooled_")})]
+            for kind, m in r.items()]
+    if rows:
+        pd.DataFrame(rows).to_csv(run_dir / "curves.csv", index=False)
+    if fed.get("rounds"):
+        pd.DataFrame([{k: (",".join(v) if isinstance(v, list) else v) for k, v in r.items()}
+                      for r in fed["rounds"]]).to_csv(run_dir / "rounds.csv", index=False)
 
 
 def _print_federated(results: dict, run_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    final = results["federated"]["final"]
+    fed = results["federated"]
+    final = fed["final"]
     tag = " [bold yellow](SYNTHETIC data)[/]" if results["synthetic"] else ""
+    console = Console()
+    if fed["protocol"]["kind"] == "loso":
+        t = Table(title=f"{results['name']}: federated LOSO, {fed['protocol']['folds']} folds, "
+                        f"pooled predictions{tag}")
+        for col in ("model", "n", "UF1", "UAR"):
+            t.add_column(col)
+        for key, m in final.items():
+            t.add_row(key[len("pooled_"):], str(m["n"]), f"{m['uf1']:.4f}", f"{m['uar']:.4f}")
+        console.print(t)
+        console.print(f"outputs: {run_dir}")
+        return
     table = Table(title=f"{results['name']}: federated, round {final['round']}{tag}")
     for col in ("client", "n test", "global UF1", "global UAR", "personal UF1", "personal UAR"):
         table.add_column(col)
@@ -158,9 +197,8 @@ def _print_federated(results: dict, run_dir: Path) -> None:
         g, p = r["global"], r["personalised"]
         table.add_row(name, str(g["n"]), f"{g['uf1']:.4f}", f"{g['uar']:.4f}",
                       f"{p['uf1']:.4f}", f"{p['uar']:.4f}")
-    console = Console()
     console.print(table)
-    base = results["federated"].get("baselines")
+    base = fed.get("baselines")
     if base:
         t = Table(title="federated vs pooled vs local (same test splits; UF1 / UAR)")
         for col in ("client", "federated global", "federated personalised", "pooled", "local"):
@@ -174,6 +212,17 @@ def _print_federated(results: dict, run_dir: Path) -> None:
             t.add_row(scope, cell(final, "global"), cell(final, "personalised"),
                       cell(base, "pooled"), cell(base, "local"))
         console.print(t)
+    if "repeats" in fed:
+        t = Table(title=f"over {len(fed['repeats']['seeds'])} seeds: mean ± std")
+        for col in ("model", "UF1", "UAR"):
+            t.add_column(col)
+        for kind, m in fed["repeats"]["summary"].items():
+            t.add_row(kind, f"{m['uf1']['mean']:.3f} ± {m['uf1']['std']:.3f}",
+                      f"{m['uar']['mean']:.3f} ± {m['uar']['std']:.3f}")
+        console.print(t)
+    counts = fed.get("counts", {})
+    if any(counts.values()):
+        console.print("faults: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
     console.print(f"outputs: {run_dir}")
 
 
@@ -218,3 +267,27 @@ def _log_wandb(cfg: DictConfig, run_dir: Path, results: dict) -> None:
     run.finish()
 
 
+
+
+def _log_wandb_federated(cfg: DictConfig, run_dir: Path, results: dict) -> None:
+    """One W&B run per federated job, grouped by experiment name: curves and final figures."""
+    wb = cfg.logger.get("wandb")
+    if not wb:
+        return
+    import wandb
+
+    fed = results["federated"]
+    run = wandb.init(project=wb.project, group=wb.group, name=f"{cfg.name}-{run_dir.name}",
+                     mode=wb.mode, dir=str(run_dir), job_type="federated",
+                     config=results["config"], tags=list(wb.get("tags", [])) +
+                     (["synthetic"] if results["synthetic"] else []))
+    for curve in fed.get("curves", []):
+        run.log({f"{k}/{s}": v[s] for k, v in curve.items() if k.startswith("pooled_")
+                 for s in ("uf1", "uar")}, step=curve["round"])
+    run.summary.update({f"{k}/{s}": v[s] for k, v in fed["final"].items()
+                        if k.startswith("pooled_") for s in ("uf1", "uar")})
+    for k, v in (fed.get("baselines") or {}).items():
+        if k.startswith("pooled_"):
+            run.summary.update({f"baseline_{k}/uf1": v["uf1"], f"baseline_{k}/uar": v["uar"]})
+    run.summary.update({"synthetic": results["synthetic"]})
+    run.finish()

@@ -1,20 +1,30 @@
 """The federated loop: rounds of local Lightning training at each client, then aggregation.
 
 Each round every selected client builds a fresh Lightning ``Trainer``, loads the global model
-(or, under P-FedProx personalisation, its own personalised model), trains ``local_epochs`` on
-its own training split (with the FedProx term when ``mu > 0``) and returns its weights and
-example count. The server checks the updates (non-finite ones are excluded and counted),
-aggregates them with the configured rule and applies its optimiser. Every ``eval_every``
-rounds each client's test split is scored with the global and with its personalised model,
-and the figures pooled over clients. Samples never leave their client: the server only sees
-weights (and, for DPK-GAT's data prior, AU co-occurrence counts).
+(or, under P-FedProx personalisation, its own personalised model; under FedBN with its own
+batch-norm entries), trains ``local_epochs`` on its own training split (with the FedProx term
+when ``mu > 0``, with SCAFFOLD's gradient correction under ``rule.name=scaffold``) and returns
+its weights and example count. The server checks the updates (non-finite ones are excluded and
+counted), aggregates them with the configured rule and applies its optimiser. Every
+``eval_every`` rounds each client's test split is scored with the global and with its
+personalised model, and the figures pooled over clients. After every round the whole state is
+checkpointed, so ``resume=true`` continues an interrupted run to the same end state.
+
+Samples never leave their client: the server only sees weights (and, for DPK-GAT's data
+prior, AU co-occurrence counts).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
+import os
 import time
 import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -27,6 +37,7 @@ from mer.engine.build import build_module, uses_aus
 from mer.engine.metrics import recognition_metrics
 from mer.engine.module import MERModule
 from mer.federated import aggregators
+from mer.federated.faults import FaultPlan, flip_labels
 from mer.federated.partition import (
     ClientData,
     check_partition,
@@ -37,6 +48,8 @@ from mer.federated.server_opt import FedAdagrad, FedAdam, FedYogi, ServerOptimiz
 
 log = logging.getLogger(__name__)
 Weights = list[np.ndarray]
+MEAN_RULES = ("fedavg", "fedprox", "fedbn", "scaffold")
+ROBUST_RULES = ("median", "trimmed_mean", "krum")
 
 
 def get_weights(module: MERModule) -> Weights:
@@ -54,42 +67,85 @@ def set_weights(module: MERModule, weights: Weights) -> None:
 
 def make_server_optimizer(cfg: DictConfig) -> ServerOptimizer:
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "name"}
-    return {"sgd": ServerSGD, "fedadam": FedAdam, "fedyogi": FedYogi,
-            "fedadagrad": FedAdagrad}[cfg.name](**kwargs)
+    optimisers = {"sgd": ServerSGD, "fedadam": FedAdam, "fedyogi": FedYogi,
+                  "fedadagrad": FedAdagrad}
+    if cfg.name not in optimisers:
+        raise ValueError(f"unknown federated.server_opt.name '{cfg.name}': {sorted(optimisers)}")
+    return optimisers[cfg.name](**kwargs)
 
 
 def aggregate(rule: DictConfig, results: list[tuple[Weights, int]]) -> Weights:
     """Apply the configured aggregation rule to the kept client results."""
     name = rule.name
-    if name in ("fedavg", "fedprox"):
+    if name in ("fedavg", "fedprox", "fedbn"):
         return aggregators.fedavg(results)
+    if name == "scaffold":  # the paper's unweighted mean of the sampled clients
+        return aggregators.weighted_mean([w for w, _ in results], [1.0] * len(results))
     if name == "median":
         return aggregators.median(results)
     if name == "trimmed_mean":
-        return aggregators.trimmed_mean(results, rule.beta)
+        return aggregators.trimmed_mean(results, float(rule.beta))
     if name == "krum":
-        return aggregators.krum(results, rule.num_malicious, rule.get("num_to_keep", 1))
-    raise ValueError(f"unknown aggregation rule '{name}'")
+        return aggregators.krum(results, int(rule.num_malicious), int(rule.get("num_to_keep", 1)))
+    raise ValueError(f"unknown aggregation rule '{name}': {list(MEAN_RULES + ROBUST_RULES)}")
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends back after local training."""
+
+    name: str
+    weights: Weights
+    num_examples: int
+    steps: int
+    seconds: float
+    work: float = 1.0
+    control_delta: Weights | None = None  # SCAFFOLD's dc_i
+
+
+@dataclass
+class ClientState:
+    """What a client keeps between rounds (never sent as such)."""
+
+    personal: Weights | None = None     # P-FedProx personalised model
+    last: Weights | None = None         # its last local model (FedBN keeps its BN entries)
+    control: Weights | None = None      # SCAFFOLD's c_i
+    flags: dict = field(default_factory=dict)
 
 
 class FederatedRun:
     """State and steps of one federated experiment over in-process clients."""
 
-    def __init__(self, cfg: DictConfig, samples: FlowSamples, clients: list[ClientData]) -> None:
+    def __init__(self, cfg: DictConfig, samples: FlowSamples, clients: list[ClientData],
+                 checkpoint_dir: Path | None = None) -> None:
         check_partition(samples, clients)
         self.cfg, self.fed, self.samples, self.clients = cfg, cfg.federated, samples, clients
+        self.rule = self.fed.rule.name
+        if self.rule not in MEAN_RULES + ROBUST_RULES:
+            raise ValueError(f"unknown federated.rule.name '{self.rule}': "
+                             f"{list(MEAN_RULES + ROBUST_RULES)}")
         self.model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         self.seed = int(cfg.seed)
+        self.faults = FaultPlan(self.fed.get("faults"), self.seed, [c.name for c in clients])
         # The server sums the clients' AU co-occurrence counts: the prior of all training splits.
         train_all = np.concatenate([c.train_idx for c in clients])
         L.seed_everything(self.seed, verbose=False)
-        self.global_weights = get_weights(build_module(self.model_cfg, samples, train_all))
+        template = build_module(self.model_cfg, samples, train_all)
+        self.global_weights = get_weights(template)
         self.initial_weights = [w.copy() for w in self.global_weights]
-        self.personal: dict[str, Weights] = {}
+        names = list(template.net.state_dict())
+        self.bn_mask = aggregators.fedbn_mask(names, template.net)
+        self.param_names = {n for n, _ in template.net.named_parameters()}
+        self.entry_names = names
         self.server_opt = make_server_optimizer(self.fed.server_opt)
+        self.server_control = [np.zeros_like(w, dtype=np.float32) for w in self.global_weights]
+        self.state = {c.name: ClientState() for c in clients}
+        self.round_done = 0
         self.excluded: list[dict] = []
         self.failures: list[dict] = []
         self.curves: list[dict] = []
+        self.stats: list[dict] = []
+        self.checkpoint = Path(checkpoint_dir) / "federated_state.pt" if checkpoint_dir else None
 
     # -- client side ---------------------------------------------------------------------------
 
@@ -99,49 +155,93 @@ class FederatedRun:
         return module
 
     def _datamodule(self, client: ClientData, eval_idx: np.ndarray, seed: int,
-                    module: MERModule) -> SplitDataModule:
-        return SplitDataModule(self.samples, client.train_idx, eval_idx,
-                               batch_size=int(self.cfg.data.batch_size),
-                               shuffle=bool(self.cfg.data.shuffle), seed=seed,
-                               with_aus=uses_aus(module))
+                    module: MERModule, flip: bool = False) -> SplitDataModule:
+        dm = SplitDataModule(self.samples, client.train_idx, eval_idx,
+                             batch_size=int(self.cfg.data.batch_size),
+                             shuffle=bool(self.cfg.data.shuffle), seed=seed,
+                             with_aus=uses_aus(module))
+        if flip:  # label-flip poisoning by a Byzantine client (its own labels only)
+            dm.tensors[1] = torch.as_tensor(flip_labels(self.samples.labels,
+                                                        self.samples.num_classes))
+        return dm
 
     def fit(self, start: Weights, train: ClientData, epochs: int, seed: int,
-            anchor: list[torch.Tensor] | None = None) -> Weights:
-        """Train from ``start`` on ``train.train_idx`` for ``epochs`` with a fresh Trainer
-        (FedProx term towards the ``anchor`` parameters when ``federated.mu`` > 0)."""
+            anchor: list[torch.Tensor] | None = None, work: float = 1.0,
+            correction: dict[str, torch.Tensor] | None = None,
+            flip: bool = False) -> tuple[Weights, int]:
+        """Train from ``start`` on ``train.train_idx`` for ``epochs`` with a fresh Trainer.
+
+        FedProx term towards ``anchor`` when ``federated.mu`` > 0; SCAFFOLD gradient
+        ``correction`` (c - c_i per parameter name); a straggler stops after ``work`` of its
+        optimiser steps. Returns (weights, optimiser steps taken).
+        """
         L.seed_everything(seed, verbose=False)
         module = self._module(start)
         if anchor is not None and self.fed.mu:
             module.set_proximal(float(self.fed.mu), anchor)
+        module.set_grad_correction(correction)
         trainer_kwargs = OmegaConf.to_container(self.cfg.trainer, resolve=True)
         trainer_kwargs["max_epochs"] = int(epochs)
+        if work < 1.0:
+            batches = math.ceil(len(train.train_idx) / int(self.cfg.data.batch_size))
+            trainer_kwargs["max_steps"] = max(1, int(work * epochs * batches))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             trainer = L.Trainer(logger=False, enable_progress_bar=False,
                                 enable_model_summary=False, enable_checkpointing=False,
                                 limit_val_batches=0, **trainer_kwargs)
             trainer.fit(module, datamodule=self._datamodule(train, train.test_idx, seed,
-                                                            module))
-        return get_weights(module)
+                                                            module, flip))
+        return get_weights(module), int(trainer.global_step)
+
+    def _for_client(self, base: Weights, name: str) -> Weights:
+        """The model a client works with: ``base`` with, under FedBN, its own BN entries."""
+        last = self.state[name].last
+        if self.rule == "fedbn" and last is not None:
+            return aggregators.apply_fedbn(base, last, self.bn_mask)
+        return base
 
     def train_client(self, client: ClientData, rnd: int, k: int,
-                     anchor: list[torch.Tensor] | None = None) -> tuple[Weights, int]:
-        """Local training of one client from its starting model; returns (weights, n)."""
-        start = self.personal.get(client.name, self.global_weights)
+                     anchor: list[torch.Tensor] | None = None) -> ClientUpdate:
+        """Local training of one client from its starting model."""
+        state = self.state[client.name]
+        start = self._for_client(state.personal or self.global_weights, client.name)
         seed = self.seed * 100_003 + rnd * 101 + k
-        weights = self.fit(start, client, int(self.fed.local_epochs), seed, anchor=anchor)
-        return weights, len(client.train_idx)
+        correction = None
+        if self.rule == "scaffold":
+            state.control = state.control or [np.zeros_like(w) for w in self.server_control]
+            correction = {n: torch.as_tensor(c - ci) for n, c, ci in
+                          zip(self.entry_names, self.server_control, state.control)
+                          if n in self.param_names}
+        work = self.faults.work(rnd, k)
+        t0 = time.perf_counter()
+        weights, steps = self.fit(start, client, int(self.fed.local_epochs), seed, anchor,
+                                  work, correction, self.faults.flips_labels(client.name))
+        seconds = time.perf_counter() - t0
+        state.last = weights
+        update = ClientUpdate(client.name, weights, len(client.train_idx), steps, seconds, work)
+        if self.rule == "scaffold" and steps > 0:
+            new_control = aggregators.scaffold_client_control(
+                state.control, self.server_control, start, weights, steps,
+                float(self.model_cfg["lr"]))
+            new_control = [c if n in self.param_names else np.zeros_like(c)
+                           for n, c in zip(self.entry_names, new_control)]
+            update.control_delta = [a - b for a, b in zip(new_control, state.control)]
+            state.control = new_control
+        update.weights = self.faults.tamper(client.name, rnd, k, weights, self.global_weights)
+        return update
 
     def baselines(self, epochs: int) -> dict:
         """Pooled (centralised on all clients' training splits) and local-only training, from
         the same initial model, each scored on every client's own test split."""
         pooled_train = ClientData("pooled", np.concatenate([c.train_idx for c in self.clients]),
                                   np.array([], dtype=np.int64))
-        pooled = self.fit(self.initial_weights, pooled_train, epochs, self.seed + 1)
-        local = {c.name: self.fit(self.initial_weights, c, epochs, self.seed + 2 + k)
+        pooled, _ = self.fit(self.initial_weights, pooled_train, epochs, self.seed + 1)
+        local = {c.name: self.fit(self.initial_weights, c, epochs, self.seed + 2 + k)[0]
                  for k, c in enumerate(self.clients)}
         return {"epochs": epochs,
-                **self.evaluate({"pooled": lambda c: pooled, "local": lambda c: local[c.name]})}
+                **self.evaluate({"pooled": lambda c: pooled, "local": lambda c: local[c.name]},
+                                with_predictions=True)}
 
     def predict(self, weights: Weights, client: ClientData) -> np.ndarray:
         """(n_test, K) class probabilities of ``weights`` on a client's test split."""
@@ -159,75 +259,94 @@ class FederatedRun:
         rng = np.random.default_rng([self.seed, rnd])
         return sorted(rng.choice(n, m, replace=False).tolist())
 
-    def _local_results(self, rnd: int, chosen: list[int]) -> tuple[list, list[str], list, list]:
-        """Train the chosen clients, minus dropouts and failures (both logged and counted)."""
-        faults = self.fed.get("faults") or {}
-        rng = np.random.default_rng([self.seed, rnd, 1])
-        results, names, dropped, failed = [], [], [], []
+    def _local_updates(self, rnd: int, chosen: list[int]) -> tuple[list[ClientUpdate], dict]:
+        """Train the chosen clients, minus dropouts, failures and late ones (logged, counted)."""
         # the round's global parameters, the FedProx anchor of every client (built once)
         anchor = list(self._module(self.global_weights).net.parameters()) if self.fed.mu \
             else None
+        updates, faults = [], {"dropped": [], "failed": [], "late": []}
         for k in chosen:
             name = self.clients[k].name
-            if rng.random() < float(faults.get("dropout", 0.0)):
-                dropped.append(name)
+            if self.faults.drops_out(rnd, k):
+                faults["dropped"].append(name)
                 continue
             try:
-                if {"client": name, "round": rnd} in (faults.get("crash") or []):
+                if self.faults.crashes_now(name, rnd):
                     raise RuntimeError("injected fault (federated.faults.crash)")
-                results.append(self.train_client(self.clients[k], rnd, k, anchor))
-                names.append(name)
+                update = self.train_client(self.clients[k], rnd, k, anchor)
             except Exception as e:  # a lab's failure must not stop the federation
                 log.warning("round %d: client %s failed: %s", rnd, name, e)
-                failed.append({"round": rnd, "client": name, "error": repr(e)})
-        return results, names, dropped, failed
+                faults["failed"].append(name)
+                self.failures.append({"round": rnd, "client": name, "error": repr(e)})
+                continue
+            if self.faults.deadline_s is not None and update.seconds > self.faults.deadline_s:
+                log.warning("round %d: client %s missed the %.3g s deadline (%.3g s)", rnd,
+                            name, self.faults.deadline_s, update.seconds)
+                faults["late"].append(name)
+                continue
+            updates.append(update)
+        return updates, faults
 
     def round(self, rnd: int) -> dict:
         """One round: local training at the selected clients, checks, aggregation, server step.
 
-        Dropped-out and failing clients are left out of the round (logged and counted); with
-        no update left the global model stays as it was.
+        Dropped-out, failing and late clients are left out of the round (logged and counted);
+        with no update left the global model stays as it was.
         """
         t0 = time.perf_counter()
         chosen = self.select_clients(rnd)
-        results, names, dropped, failed = self._local_results(rnd, chosen)
-        self.failures += failed
+        updates, faults = self._local_updates(rnd, chosen)
         t_clients = time.perf_counter() - t0
-        kept, excluded = aggregators.check_updates(results, names, self.global_weights)
+        kept, excluded = aggregators.check_updates(
+            [(u.weights, u.num_examples) for u in updates], [u.name for u in updates],
+            self.global_weights)
         for name, reason in excluded.items():
             log.warning("round %d: client %s excluded: %s", rnd, name, reason)
             self.excluded.append({"round": rnd, "client": name, "reason": reason})
+        kept_updates = [u for u in updates if u.name not in excluded]
         if kept:
-            agg = aggregate(self.fed.rule, kept)
-            self.global_weights = self.server_opt.step(self.global_weights, agg)
+            self.global_weights = self.server_opt.step(self.global_weights,
+                                                       aggregate(self.fed.rule, kept))
+            if self.rule == "scaffold":
+                deltas = [u.control_delta for u in kept_updates if u.control_delta is not None]
+                if deltas:
+                    mean_dc = aggregators.weighted_mean(deltas, [1.0] * len(deltas))
+                    frac = len(deltas) / len(self.clients)
+                    self.server_control = [c + frac * d
+                                           for c, d in zip(self.server_control, mean_dc)]
         else:
             log.warning("round %d: no client update to aggregate; global model unchanged", rnd)
         personalise = self.fed.get("personalise")
         if personalise and kept:
-            kept_names = [n for n in names if n not in excluded]
             mixed = aggregators.pfedprox_personalise(
                 [w for w, _ in kept], [n for _, n in kept], own=float(personalise.own))
-            self.personal.update(dict(zip(kept_names, mixed)))
-        return {"round": rnd, "clients": names, "excluded": sorted(excluded),
-                "dropped": dropped, "failed": [f["client"] for f in failed],
+            for u, w in zip(kept_updates, mixed):
+                self.state[u.name].personal = w
+        return {"round": rnd, "clients": [u.name for u in updates], "excluded": sorted(excluded),
+                **faults, "stragglers": [u.name for u in updates if u.work < 1.0],
                 "client_s": t_clients, "server_s": time.perf_counter() - t0 - t_clients,
                 "bytes_per_client": int(sum(a.nbytes for a in self.global_weights))}
 
-    def evaluate(self, models: dict | None = None) -> dict:
+    def evaluate(self, models: dict | None = None, with_predictions: bool = False) -> dict:
         """Per-client and pooled test metrics of each model kind.
 
-        ``models`` maps a kind to ``client -> weights``; by default the global model and each
-        client's personalised model.
+        ``models`` maps a kind to ``client -> weights``; by default the global model (with the
+        client's own BN entries under FedBN) and each client's personalised model. Clients
+        without test samples are left out. ``with_predictions`` adds ``predictions``:
+        ``{"index": sample positions, "pred": {kind: predicted classes}}``.
         """
         models = models or {
-            "global": lambda c: self.global_weights,
-            "personalised": lambda c: self.personal.get(c.name, self.global_weights),
+            "global": lambda c: self._for_client(self.global_weights, c.name),
+            "personalised": lambda c: self._for_client(
+                self.state[c.name].personal or self.global_weights, c.name),
         }
         names = self.samples.class_names
         out: dict = {"per_client": {}}
         preds: dict[str, list] = {kind: [] for kind in models}
         labels = []
         for c in self.clients:
+            if len(c.test_idx) == 0:
+                continue
             y = self.samples.labels[c.test_idx]
             labels.append(y)
             row = {}
@@ -241,46 +360,126 @@ class FederatedRun:
         for kind in models:
             m = recognition_metrics(y, np.concatenate(preds[kind]), names)
             out[f"pooled_{kind}"] = {k: m[k] for k in ("n", "uf1", "uar", "accuracy")}
+        if with_predictions:
+            out["predictions"] = {
+                "index": np.concatenate([c.test_idx for c in self.clients]).tolist(),
+                "pred": {kind: np.concatenate(p).tolist() for kind, p in preds.items()}}
         return out
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def recipe_key(self) -> str:
+        """Hash of everything that shapes the run (not resume/progress/logging/paths)."""
+        cfg = OmegaConf.to_container(self.cfg, resolve=True)
+        for key in ("resume", "progress", "logger", "paths", "hydra"):
+            cfg.pop(key, None)
+        cfg.get("federated", {}).pop("rounds", None)  # a run may be extended
+        split = [(c.name, c.train_idx.tolist(), c.test_idx.tolist()) for c in self.clients]
+        blob = json.dumps([cfg, split], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def state_dict(self) -> dict:
+        return {"round": self.round_done, "recipe": self.recipe_key(),
+                "global": self.global_weights, "server_opt": self.server_opt.state_dict(),
+                "server_control": self.server_control,
+                "clients": {n: vars(s) for n, s in self.state.items()},
+                "curves": self.curves, "stats": self.stats, "excluded": self.excluded,
+                "failures": self.failures}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.round_done = int(state["round"])
+        self.global_weights = state["global"]
+        self.server_opt.load_state_dict(state["server_opt"])
+        self.server_control = state["server_control"]
+        self.state = {n: ClientState(**s) for n, s in state["clients"].items()}
+        self.curves, self.stats = state["curves"], state["stats"]
+        self.excluded, self.failures = state["excluded"], state["failures"]
+
+    def save(self) -> None:
+        """Write the state after a round, atomically (an interruption leaves the last one)."""
+        if self.checkpoint is None:
+            return
+        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, self.checkpoint)
+
+    def try_resume(self) -> bool:
+        """Load the checkpoint of an interrupted run of the same recipe, if there is one."""
+        if self.checkpoint is None or not self.checkpoint.exists():
+            return False
+        state = torch.load(self.checkpoint, weights_only=False)
+        if state["recipe"] != self.recipe_key():
+            log.warning("not resuming from %s: it was written by a different recipe "
+                        "(config or partition changed)", self.checkpoint)
+            return False
+        self.load_state_dict(state)
+        log.info("resuming after round %d from %s", self.round_done, self.checkpoint)
+        return True
+
+    def run_rounds(self, progress=None) -> None:
+        """Rounds ``round_done + 1 .. federated.rounds``, evaluating and checkpointing."""
+        rounds, every = int(self.fed.rounds), int(self.fed.eval_every)
+        task = progress.add_task("federated rounds", total=rounds, completed=self.round_done) \
+            if progress else None
+        for rnd in range(self.round_done + 1, rounds + 1):
+            self.stats.append(self.round(rnd))
+            if rnd % every == 0 or rnd == rounds:
+                self.curves.append({"round": rnd, **self.evaluate(with_predictions=rnd == rounds)})
+            self.round_done = rnd
+            self.save()
+            if progress:
+                progress.advance(task)
 
 
 def make_clients(cfg: DictConfig, samples: FlowSamples) -> list[ClientData]:
-    part = cfg.federated.partition
+    """The configured partition (``federated.partition``, ``federated.num_clients``)."""
+    fed, seed = cfg.federated, int(cfg.seed)
+    part, num_clients = fed.partition, fed.get("num_clients")
     if part.kind == "natural":
-        return natural_clients(samples, float(part.test_fraction), int(cfg.seed))
-    return subject_clients(samples, int(part.num_clients), part.kind, float(part.get("alpha", 0.5)),
-                           float(part.test_fraction), int(cfg.seed))
+        return natural_clients(samples, float(part.test_fraction), seed, num_clients)
+    return subject_clients(samples, int(num_clients or 3), part.kind,
+                           float(part.get("alpha", 0.5)), float(part.test_fraction), seed)
 
 
-def run_federated(cfg: DictConfig, samples: FlowSamples, show_progress: bool = True) -> dict:
-    """All rounds; returns curves, final per-client/pooled metrics and round statistics."""
+def client_summary(samples: FlowSamples, clients: list[ClientData]) -> dict:
+    keys = samples.meta["subject_key"].to_numpy()
+    return {c.name: {"train": len(c.train_idx), "test": len(c.test_idx),
+                     "subjects": len(set(keys[np.concatenate([c.train_idx, c.test_idx])]))}
+            for c in clients}
+
+
+def run_federated(cfg: DictConfig, samples: FlowSamples, clients: list[ClientData],
+                  checkpoint_dir: Path | None = None, show_progress: bool = True) -> dict:
+    """All rounds (resumed from ``checkpoint_dir`` with ``resume=true``), then the baselines.
+
+    Returns curves, final per-client/pooled metrics, round statistics and fault counts.
+    """
     from rich.progress import Progress
 
     for name in ("lightning", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    clients = make_clients(cfg, samples)
-    run = FederatedRun(cfg, samples, clients)
-    rounds, every = int(cfg.federated.rounds), int(cfg.federated.eval_every)
-    stats = []
+    run = FederatedRun(cfg, samples, clients, checkpoint_dir)
+    resumed_from = run.round_done if cfg.get("resume") and run.try_resume() else 0
     with Progress(disable=not show_progress) as progress:
-        task = progress.add_task("federated rounds", total=rounds)
-        for rnd in range(1, rounds + 1):
-            stats.append(run.round(rnd))
-            if rnd % every == 0 or rnd == rounds:
-                run.curves.append({"round": rnd, **run.evaluate()})
-            progress.advance(task)
-    final = run.curves[-1]
+        run.run_rounds(progress)
     baselines = None
     if cfg.federated.get("baselines", False):
-        epochs = cfg.federated.get("baseline_epochs") or rounds * int(cfg.federated.local_epochs)
+        epochs = cfg.federated.get("baseline_epochs") or \
+            int(cfg.federated.rounds) * int(cfg.federated.local_epochs)
         baselines = run.baselines(int(epochs))
-    return {
-        "baselines": baselines,
-        "clients": {c.name: {"train": len(c.train_idx), "test": len(c.test_idx),
-                             "subjects": int(samples.meta["subject_key"].iloc[
-                                 np.concatenate([c.train_idx, c.test_idx])].nunique())}
-                    for c in clients},
-        "final": final, "curves": run.curves, "rounds": stats, "excluded_updates": run.excluded,
-        "client_failures": run.failures,
-        "dropouts": sum(len(r["dropped"]) for r in stats),
+    stats = run.stats
+    final = run.curves[-1]
+    predictions = final.pop("predictions")
+    if baselines:
+        predictions["pred"].update(baselines.pop("predictions")["pred"])
+    return {"predictions": predictions,
+        "baselines": baselines, "clients": client_summary(samples, clients),
+        "final": final, "curves": run.curves, "rounds": stats,
+        "resumed_after_round": resumed_from or None,
+        "excluded_updates": run.excluded, "client_failures": run.failures,
+        "counts": {kind: sum(len(r[kind]) for r in stats)
+                   for kind in ("dropped", "failed", "late", "excluded", "stragglers")},
+        "server_s_per_round": float(np.mean([r["server_s"] for r in stats])),
+        "bytes_per_client_per_round": stats[-1]["bytes_per_client"],
     }

@@ -40,15 +40,59 @@ def _split_subjects(samples: FlowSamples, positions: np.ndarray, test_fraction: 
     return ClientData(name, positions[~in_test], positions[in_test])
 
 
-def natural_clients(samples: FlowSamples, test_fraction: float = 0.3,
-                    seed: int = 0) -> list[ClientData]:
-    """One client per database (a lab holds its own database), each split by subject."""
+def natural_clients(samples: FlowSamples, test_fraction: float = 0.3, seed: int = 0,
+                    num_clients: int | None = None) -> list[ClientData]:
+    """One client per database (a lab holds its own database), each split by subject.
+
+    With ``num_clients`` larger than the number of databases, databases are split into
+    subject-disjoint sites (``synA-1``, ``synA-2``...), allocated in proportion to their
+    subject counts (largest remainder, at least one site each, two subjects per site): the
+    non-IID structure between databases is kept.
+    """
+    databases = sorted(samples.meta["database"].unique())
+    db_of = samples.meta["database"].to_numpy()
+    keys = samples.meta["subject_key"].to_numpy()
+    num_clients = len(databases) if num_clients is None else int(num_clients)
+    if num_clients < len(databases):
+        raise PartitionError(
+            f"federated.num_clients={num_clients} but the natural partition has one client per "
+            f"database ({len(databases)}: {databases}). Ask for at least {len(databases)} or "
+            "use federated.partition.kind=iid|dirichlet|quantity.")
+    counts = np.array([len(set(keys[db_of == db])) for db in databases])
+    sites = [1] * len(databases) if num_clients == len(databases) else \
+        _allocate_sites(counts, num_clients, databases)
     clients = []
-    for i, db in enumerate(sorted(samples.meta["database"].unique())):
-        positions = np.flatnonzero(samples.meta["database"].to_numpy() == db)
-        clients.append(_split_subjects(samples, positions, test_fraction,
-                                       np.random.default_rng([seed, i]), db))
+    for i, (db, n_sites) in enumerate(zip(databases, sites)):
+        positions = np.flatnonzero(db_of == db)
+        if n_sites == 1:
+            groups = [(db, positions)]
+        else:
+            subjects = sorted(set(keys[positions]))
+            subjects = np.random.default_rng([seed, i, 11]).permutation(subjects)
+            groups = [(f"{db}-{j + 1}", positions[np.isin(keys[positions], subjects[j::n_sites])])
+                      for j in range(n_sites)]
+        for j, (name, pos) in enumerate(groups):
+            rng = np.random.default_rng([seed, i] if n_sites == 1 else [seed, i, j])
+            clients.append(_split_subjects(samples, pos, test_fraction, rng, name))
     return clients
+
+
+def _allocate_sites(subject_counts: np.ndarray, num_clients: int, names: list[str]) -> list[int]:
+    """Sites per database: proportional to subjects, >= 1 each, <= subjects // 2 each."""
+    cap = subject_counts // 2
+    if cap.sum() < num_clients:
+        raise PartitionError(
+            f"{num_clients} clients need 2 subjects each; the databases {names} have "
+            f"{subject_counts.tolist()} subjects. Ask for at most {int(cap.sum())} clients.")
+    share = subject_counts / subject_counts.sum() * num_clients
+    sites = np.clip(np.floor(share).astype(int), 1, cap)
+    while sites.sum() < num_clients:  # largest remainder among databases with room
+        room = np.where(sites < cap, share - sites, -np.inf)
+        sites[int(np.argmax(room))] += 1
+    while sites.sum() > num_clients:
+        over = np.where(sites > 1, sites - share, -np.inf)
+        sites[int(np.argmax(over))] -= 1
+    return sites.tolist()
 
 
 def subject_clients(samples: FlowSamples, num_clients: int, kind: str = "iid",
