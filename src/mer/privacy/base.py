@@ -1,0 +1,145 @@
+"""The common interface of the secure aggregation schemes (CKKS encryption, pairwise masks).
+
+A round under secure aggregation, for clients k = 1..K with weights ``w_k`` (L arrays, the
+``Weights`` of :mod:`mer.federated.aggregators`) trained on ``n_k`` examples::
+
+    agg.begin_round(rnd, client_ids, template)       # keys / masks for this round
+    payload_k = agg.client_payload(k, w_k, n_k)      # client side: bytes, never plaintext
+    total = agg.server_sum({k: payload_k, ...})      # server side: only sees payloads
+    mean = agg.finish(total, survivors)              # key holder / unmasking: sum n_k w_k / N
+
+Every model is flattened into one float64 vector ``[n_k * w_k (all layers, state-dict order),
+n_k]``: the example count travels in the last slot, so the sum carries ``N = sum n_k`` and
+the server never sees an individual count either. :meth:`SecureAggregation.decode_sum`
+gives ``(sum_k n_k w_k, N)``; :func:`personalise_from_sum` turns it into the P-FedProx model
+of one client without the server ever seeing another client's model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Weights = list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shapes and dtypes of a model's arrays (public: the architecture is known to all)."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[np.dtype, ...]
+
+    @classmethod
+    def of(cls, weights: Weights) -> Layout:
+        return cls(tuple(np.shape(a) for a in weights),
+                   tuple(np.asarray(a).dtype for a in weights))
+
+    @property
+    def size(self) -> int:
+        """Number of scalars in the model (not counting the example-count slot)."""
+        return int(sum(np.prod(s, dtype=np.int64) for s in self.shapes))
+
+    def check(self, weights: Weights, who: str) -> None:
+        shapes = tuple(np.shape(a) for a in weights)
+        if shapes != self.shapes:
+            raise ValueError(f"{who}: the model's layout differs from the round's template "
+                             f"({len(shapes)} arrays vs {len(self.shapes)}); a different model "
+                             "or config?")
+
+
+def flatten(weights: Weights) -> np.ndarray:
+    """L arrays -> one float64 vector (D,), state-dict order."""
+    return np.concatenate([np.asarray(a, np.float64).ravel() for a in weights])
+
+
+def unflatten(flat: np.ndarray, layout: Layout) -> Weights:
+    """(D,) float64 -> L arrays with the layout's shapes and dtypes (integers rounded)."""
+    if flat.shape != (layout.size,):
+        raise ValueError(f"unflatten: {flat.shape} values for a model of {layout.size}")
+    out, start = [], 0
+    for shape, dtype in zip(layout.shapes, layout.dtypes):
+        size = int(np.prod(shape, dtype=np.int64))
+        part = flat[start:start + size].reshape(shape)
+        if np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.bool_):
+            part = np.rint(part)
+        out.append(part.astype(dtype))
+        start += size
+    return out
+
+
+def weighted_vector(weights: Weights, n: int) -> np.ndarray:
+    """The vector a client aggregates: ``[n * flatten(w), n]``, shape (D + 1,)."""
+    if n < 0:
+        raise ValueError(f"example count must be >= 0, got {n}")
+    return np.append(flatten(weights) * float(n), float(n))
+
+
+class SecureAggregation(ABC):
+    """Example-weighted sum of client models where the server sees no individual update.
+
+    Subclasses keep the client-side secrets (keys, seeds) apart from what the server holds;
+    :meth:`server_sum` uses only the payloads and public material.
+    """
+
+    name: str = "secure"
+
+    def __init__(self) -> None:
+        self.layout: Layout | None = None
+        self.round_clients: list[str] = []
+        self.rnd = 0
+
+    def begin_round(self, rnd: int, client_ids: Sequence[str], template: Weights) -> None:
+        """Start round ``rnd`` with the selected clients; ``template`` gives the layout (e.g.
+        the global model; only its shapes and dtypes are used)."""
+        if len(set(client_ids)) != len(client_ids):
+            raise ValueError(f"{self.name}: duplicate client ids {list(client_ids)}")
+        self.rnd, self.round_clients = int(rnd), [str(c) for c in client_ids]
+        self.layout = Layout.of(template)
+
+    def _require_client(self, client_id: str) -> None:
+        if self.layout is None:
+            raise RuntimeError(f"{self.name}: call begin_round() before client_payload()")
+        if client_id not in self.round_clients:
+            raise ValueError(f"{self.name}: client {client_id!r} was not selected for round "
+                             f"{self.rnd} (selected: {self.round_clients})")
+
+    @abstractmethod
+    def client_payload(self, client_id: str, weights: Weights, n: int) -> bytes:
+        """Client side: the protected form of ``[n * w, n]`` that goes to the server."""
+
+    @abstractmethod
+    def server_sum(self, payloads: Mapping[str, bytes]) -> bytes:
+        """Server side: the protected sum of the payloads it received (client id -> bytes)."""
+
+    @abstractmethod
+    def decode_sum(self, sum_payload: bytes, survivors: Sequence[str]) -> tuple[np.ndarray, float]:
+        """Recover ``(sum_k n_k flatten(w_k) (D,), N)`` over the ``survivors`` (the clients
+        whose payloads went into ``sum_payload``)."""
+
+    def finish(self, sum_payload: bytes, survivors: Sequence[str]) -> Weights:
+        """The example-weighted mean ``sum_k n_k w_k / N`` over the survivors (FedAvg/FedProx)."""
+        total, count = self.decode_sum(sum_payload, survivors)
+        if count <= 0.5:
+            raise ValueError(f"{self.name}: the survivors {list(survivors)} hold no examples")
+        return unflatten(total / round(count), self.layout)
+
+
+def personalise_from_sum(own_weights: Weights, own_n: int, total: np.ndarray, count: float,
+                         layout: Layout, own: float = 0.9) -> Weights:
+    """P-FedProx model of one client from the decoded sum, computed by that client.
+
+    ``p_k = own * w_k + (1 - own) * (S - n_k w_k) / (N - n_k)`` with ``S = sum_j n_j w_j``
+    and ``N = sum_j n_j`` (as :func:`mer.federated.aggregators.pfedprox_personalise`).
+    With no other client in the sum, ``p_k = w_k``.
+    """
+    n_total = round(count)
+    others_n = n_total - int(own_n)
+    w = flatten(own_weights)
+    if others_n <= 0:
+        return unflatten(w, layout)
+    others_mean = (total - own_n * w) / others_n
+    return unflatten(own * w + (1.0 - own) * others_mean, layout)

@@ -1,0 +1,144 @@
+"""Secure aggregation (CKKS and pairwise masks): sums equal plaintext FedAvg / P-FedProx, the
+server never holds an individual plaintext update, and dropouts after masking are recovered."""
+
+import numpy as np
+import pytest
+
+from mer.federated import aggregators
+from mer.privacy.base import Layout, flatten, personalise_from_sum
+from mer.privacy.encrypted import CKKSAggregation, CKKSParams, decrypt
+from mer.privacy.secagg import MaskedAggregation, MaskParams, decode_fixed, encode_fixed
+
+
+def model(rng, scale=1.0):
+    """A small state dict: conv weight, bias, BN buffers with an integer counter."""
+    return [(rng.standard_normal((4, 3, 3, 3)) * scale).astype(np.float32),
+            rng.standard_normal(4).astype(np.float32),
+            rng.random(4).astype(np.float32),
+            np.array(rng.integers(0, 500), dtype=np.int64)]
+
+
+def clients(k=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return [f"lab{i}" for i in range(k)], [(model(rng), int(rng.integers(5, 200)))
+                                            for _ in range(k)]
+
+
+SCHEMES = {
+    "ckks": lambda: CKKSAggregation(CKKSParams(chunk_size=64)),  # several chunks per model
+    "secagg": lambda: MaskedAggregation(),
+}
+
+
+def run_round(agg, ids, results, deliver=None):
+    agg.begin_round(3, ids, results[0][0])
+    payloads = {c: agg.client_payload(c, w, n) for c, (w, n) in zip(ids, results)}
+    delivered = {c: payloads[c] for c in (deliver or ids)}
+    return payloads, agg.server_sum(delivered)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_secure_mean_equals_plaintext_fedavg(scheme):
+    ids, results = clients()
+    agg = SCHEMES[scheme]()
+    _, total = run_round(agg, ids, results)
+    mean = agg.finish(total, ids)
+    expected = aggregators.fedavg(results)
+    err = max(np.abs(np.asarray(a, np.float64) - b).max() for a, b in zip(mean, expected))
+    assert err < 1e-6, err  # CKKS ~1e-9, masks' fixed point 2^-24 / N
+    assert [a.dtype for a in mean] == [a.dtype for a in expected]
+    assert mean[3] == expected[3]  # the integer counter, rounded as FedAvg does
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_pfedprox_from_the_decrypted_sum(scheme):
+    ids, results = clients(k=3, seed=1)
+    agg = SCHEMES[scheme]()
+    _, total = run_round(agg, ids, results)
+    s, count = agg.decode_sum(total, ids)
+    assert round(count) == sum(n for _, n in results)
+    expected = aggregators.pfedprox_personalise([w for w, _ in results],
+                                                [n for _, n in results], own=0.9)
+    layout = Layout.of(results[0][0])
+    for (w, n), exp in zip(results, expected):
+        mine = personalise_from_sum(w, n, s, count, layout, own=0.9)
+        assert np.abs(flatten(mine)[:-1] - flatten(exp)[:-1]).max() < 1e-5
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_server_never_sees_an_individual_plaintext(scheme):
+    ids, results = clients(k=3, seed=2)
+    agg = SCHEMES[scheme]()
+    seen = []
+    server_sum = agg.server_sum
+    agg.server_sum = lambda payloads: seen.append(dict(payloads)) or server_sum(payloads)
+    _, total = run_round(agg, ids, results)
+    assert seen and all(isinstance(p, bytes) for p in seen[0].values())
+    for (w, n), payload in zip(results, seen[0].values()):
+        plain = flatten(w)
+        for dtype in ("<f4", "<f8"):  # the update's raw bytes appear nowhere in the payload
+            assert np.asarray(plain[:8], dtype).tobytes() not in payload
+        as_ints = np.frombuffer(payload[: len(payload) // 8 * 8], "<u8")
+        for frac in (24, 40):  # nor does it read as a fixed-point copy of n * w
+            guess = decode_fixed(as_ints[: len(plain)], frac, 64)
+            if len(guess) == len(plain):
+                assert not np.allclose(guess, n * plain, atol=1e-3)
+                assert abs(np.corrcoef(guess, plain)[0, 1]) < 0.3
+    assert isinstance(total, bytes)
+    if scheme == "ckks":  # the server's context cannot decrypt: it has no secret key
+        assert agg.server_context.is_private() is False
+        assert agg.client_context.is_private() is True
+        with pytest.raises(PermissionError):
+            decrypt(agg.server_context, total)
+        with pytest.raises(ValueError):
+            agg.server_context.secret_key()
+
+
+def test_masked_vector_alone_looks_uniform():
+    ids, results = clients(k=3, seed=3)
+    agg = MaskedAggregation()
+    payloads, _ = run_round(agg, ids, results)
+    v = np.frombuffer(payloads["lab0"], "<u8")
+    # uniform mod 2^64: mean of the top byte ~127.5, far from the plaintext's (0 or 255)
+    top = (v >> np.uint64(56)).astype(np.float64)
+    assert 90 < top.mean() < 165
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_dropout_after_masking_leaves_the_survivors_sum(scheme):
+    ids, results = clients(k=5, seed=4)
+    agg = SCHEMES[scheme]()
+    survivors = ["lab0", "lab2", "lab3"]  # lab1 and lab4 masked, then dropped
+    _, total = run_round(agg, ids, results, deliver=survivors)
+    mean = agg.finish(total, survivors)
+    expected = aggregators.fedavg([results[ids.index(c)] for c in survivors])
+    assert max(np.abs(np.asarray(a, np.float64) - b).max()
+               for a, b in zip(mean, expected)) < 1e-6
+
+
+def test_dropout_without_recovery_gives_garbage():
+    ids, results = clients(k=4, seed=5)
+    agg = MaskedAggregation()
+    _, total = run_round(agg, ids, results, deliver=ids[:3])
+    raw = decode_fixed(np.frombuffer(total, "<u8"), 24, 64)  # the sum, unmasked by nobody
+    assert np.abs(raw).max() > 1e6
+
+
+def test_secagg_refusals():
+    ids, results = clients(k=3, seed=6)
+    agg = MaskedAggregation(MaskParams(min_survivors=2))
+    _, total = run_round(agg, ids, results, deliver=["lab0"])
+    with pytest.raises(ValueError, match="min_survivors"):
+        agg.finish(total, ["lab0"])
+    small = MaskedAggregation(MaskParams(mask_bits=32, frac_bits=24))
+    small.begin_round(0, ids, results[0][0])
+    with pytest.raises(OverflowError, match="frac_bits"):
+        small.client_payload("lab0", results[0][0], 1000)
+    with pytest.raises(ValueError, match="not selected"):
+        agg.client_payload("stranger", results[0][0], 3)
+
+
+@pytest.mark.parametrize("bits", [32, 64])
+def test_fixed_point_round_trip(bits):
+    x = np.array([-3.25, 0.0, 1e-3, 1234.5])
+    assert np.allclose(decode_fixed(encode_fixed(x, 16, bits), 16, bits), x, atol=2**-16)
