@@ -1,4 +1,4 @@
-"""The two tables that flow through mer.
+"""The tables that flow through mer.
 
 1. A **sample table** (``pandas.DataFrame``) is what a database reader yields, one row per clip:
 
@@ -16,12 +16,23 @@
    apex_path  path of the apex frame image ("" when apex is unknown)
    au_raw     the AU string exactly as in the sheet
    aus        tuple of AU numbers parsed from ``au_raw``
-   emotion    the database's own emotion word, lower-case
+   au_unknown tuple of the tokens of ``au_raw`` that are not AUs (``soft focus``, ``?``)
+   emotion    the database's own emotion word, lower-case ("" when the sheet has none)
+   objective  the sheet's objective class ``I``..``VII`` (SAMM, CAS(ME)^3), else ""
    fps        frame rate
    row        1-based row of the annotation sheet (for error messages)
    ========== =========================================================================
 
-2. :class:`FlowSamples` is what models consume: one onset->apex flow image per sample plus the
+   Readers yield no class label: a label scheme (``mer.data.labels``) turns ``emotion`` (or
+   ``objective`` / ``aus``) into the ``label`` column.
+
+2. An **interval table** is what a long-video database (CAS(ME)^2, SAMM-LV) gives for
+   spotting, one row per annotated expression: ``database, subject, video, onset, apex,
+   offset, type`` (``macro`` / ``micro``), ``au_raw, aus, au_unknown, emotion, frame_dir``
+   (the video's frame folder), ``fps, row`` (``INTERVAL_COLUMNS``; see
+   ``mer.data.databases.read_intervals``).
+
+3. :class:`FlowSamples` is what models consume: one onset->apex flow image per sample plus the
    metadata and labels, and the list of samples excluded on purpose with the reason.
 """
 
@@ -34,7 +45,12 @@ import pandas as pd
 
 SAMPLE_COLUMNS = [
     "database", "subject", "clip", "onset", "apex", "offset", "frame_dir", "onset_path",
-    "apex_path", "au_raw", "aus", "emotion", "fps", "row",
+    "apex_path", "au_raw", "aus", "au_unknown", "emotion", "objective", "fps", "row",
+]
+
+INTERVAL_COLUMNS = [
+    "database", "subject", "video", "onset", "apex", "offset", "type", "au_raw", "aus",
+    "au_unknown", "emotion", "frame_dir", "fps", "row",
 ]
 
 

@@ -3,7 +3,11 @@
 ``data.kind`` picks the source:
 - ``synme``: generate (or reuse) SynME, read each synthetic database with the CASME II reader
   it is written for, then preprocess exactly like real data;
-- ``casme2``: a CASME II tree (``data.root``, optional ``data.sheet``);
+- a database name of ``mer.data.databases.DATABASES`` (``casme2``, ``samm``, ``smic``,
+  ``casme_sq``, ``casme3``, ``samm_lv``, ``mmew``, ``fourdme``): its release tree
+  (``data.root``, optional ``data.sheet``, reader ``data.options``);
+- ``composite``: several databases pooled (``data.roots: {name: path}``, optional
+  ``data.sheets``), e.g. the MEGC2019 composite of CASME II, SAMM and SMIC-HS;
 - ``flowcache``: a folder in the flow-cache exchange format (``data.root``, ``data.csv``).
 """
 
@@ -16,6 +20,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from mer.data.databases.casme2 import read_casme2
+from mer.data.databases.registry import DATABASES, read_database
 from mer.data.labels import apply_label_scheme
 from mer.data.samples import FlowSamples
 
@@ -61,12 +66,29 @@ def read_tables(data_cfg: DictConfig, cache_dir: Path) -> tuple[pd.DataFrame, li
         provenance = {"source": "synme", "root": str(root), "fingerprint": syn.fingerprint(),
                       "synthetic": True}
         return pd.concat(tables, ignore_index=True), skipped, families, provenance
-    if data_cfg.kind == "casme2":
+    if data_cfg.kind in DATABASES:
         root = _root(data_cfg)
-        t, skipped = read_casme2(root, sheet=data_cfg.get("sheet"), database="casme2",
-                                 on_error=on_error)
-        return t, skipped, {"casme2": "casme2"}, {"source": "casme2", "root": str(root),
-                                                   "synthetic": False}
+        options = _container(data_cfg.get("options")) or {}
+        t, skipped = read_database(data_cfg.kind, root, sheet=data_cfg.get("sheet"),
+                                   on_error=on_error, **options)
+        return t, skipped, {data_cfg.kind: data_cfg.kind}, {
+            "source": data_cfg.kind, "root": str(root), "synthetic": False}
+    if data_cfg.kind == "composite":
+        tables, skipped, roots = [], [], {}
+        sheets = data_cfg.get("sheets") or {}
+        for name, root in data_cfg.roots.items():
+            if name not in DATABASES:
+                raise DataConfigError(f"data.roots.{name}: unknown database; use one of "
+                                      f"{sorted(DATABASES)}")
+            if not root or not Path(str(root)).expanduser().exists():
+                raise DataConfigError(f"data=composite needs data.roots.{name}=/path/to/{name} "
+                                      f"(got {root})")
+            roots[name] = str(Path(str(root)).expanduser())
+            t, s = read_database(name, roots[name], sheet=sheets.get(name), on_error=on_error)
+            tables.append(t)
+            skipped += s
+        return pd.concat(tables, ignore_index=True), skipped, {n: n for n in roots}, {
+            "source": "composite", "roots": roots, "synthetic": False}
     raise DataConfigError(f"data.kind '{data_cfg.kind}' has no frame reader")
 
 

@@ -1,10 +1,24 @@
-"""Helpers shared by the database readers: sheet loading, column variants, clear errors."""
+"""Helpers shared by the database readers: sheet loading, column variants, frames, clear errors.
+
+Every reader follows the same steps: read its sheet (:func:`read_table` finds the header row
+itself, wherever the release put it), pick columns by their known spellings
+(:func:`find_column`), find each clip's frames (:class:`FrameIndex`), check the clip
+(:func:`check_clip`) and either raise a :class:`DatabaseError` naming the file, the row and the
+fix, or skip the sample and list it with its reason (:class:`Problems`).
+"""
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+ON_ERROR = ("raise", "skip")
 
 
 class DatabaseError(ValueError):
@@ -21,24 +35,349 @@ def read_sheet(path: Path, header_row: int | None = 0) -> pd.DataFrame:
     return pd.read_excel(path, header=header_row)
 
 
+def _norm(text: object) -> str:
+    return re.sub(r"[\s_]+", "", str(text)).lower()
+
+
+def read_table(
+    path: str | Path, keys: Iterable[str] = ("subject",), sheet_name: int | str = 0,
+    max_header_row: int = 40,
+) -> pd.DataFrame:
+    """A sheet as a table, its header being the first row that names every one of ``keys``.
+
+    Releases put text above the table (SAMM: 13 rows, SAMM-LV: about 10); re-saved copies have
+    the header on row 1. The returned frame has a ``_row`` column: the 1-based sheet row of each
+    record, for error messages. Blank rows are dropped.
+    """
+    path = Path(path)
+    raw = read_sheet(path, header_row=None) if path.suffix.lower() == ".csv" else None
+    if raw is None:
+        if not path.exists():
+            raise DatabaseError(f"annotation sheet not found: {path}. Point data.sheet at it.")
+        raw = pd.read_excel(path, header=None, sheet_name=sheet_name)
+    wanted = [_norm(k) for k in keys]
+    for h in range(min(len(raw), max_header_row)):
+        cells = {_norm(c) for c in raw.iloc[h] if not _is_blank(c)}
+        if all(k in cells for k in wanted):
+            break
+    else:
+        raise DatabaseError(
+            f"{path}: no header row naming {list(keys)} in its first {max_header_row} rows. "
+            "Check that this is the annotation sheet, or rename the header cells."
+        )
+    columns = [f"Unnamed: {j}" if _is_blank(c) else str(c).strip()
+               for j, c in enumerate(raw.iloc[h])]
+    table = raw.iloc[h + 1:].copy()
+    table.columns = columns
+    table["_row"] = table.index + 1  # pandas index 0 is sheet row 1
+    table = table.dropna(how="all", subset=columns)
+    return table.reset_index(drop=True)
+
+
 def find_column(df: pd.DataFrame, variants: list[str], sheet: Path, what: str) -> str:
     """The first column of ``df`` matching one of ``variants`` (case and space insensitive)."""
-    norm = {str(c).lower().replace(" ", "").replace("_", ""): c for c in df.columns}
+    norm = {_norm(c): c for c in reversed(list(df.columns))}
     for v in variants:
-        key = v.lower().replace(" ", "").replace("_", "")
-        if key in norm:
-            return norm[key]
+        if _norm(v) in norm:
+            return norm[_norm(v)]
     raise DatabaseError(
         f"{sheet}: no {what} column (looked for {variants}; found {list(map(str, df.columns))}). "
         "Rename the column or fix the header row."
     )
 
 
+def optional_column(df: pd.DataFrame, variants: list[str]) -> str | None:
+    """Like :func:`find_column`, but None when the sheet has no such column."""
+    try:
+        return find_column(df, variants, Path(), "")
+    except DatabaseError:
+        return None
+
+
+def _is_blank(value: object) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    return str(value).strip() == ""
+
+
 def frame_number(value: object) -> int:
     """A frame cell as int, or -1 when missing or '/' (CASME II writes '/' for unknown apex)."""
-    if value is None or (isinstance(value, float) and pd.isna(value)):
+    if _is_blank(value):
         return -1
-    text = str(value).strip()
-    if text in ("", "/", "-", "nan"):
+    text = str(value).strip().rstrip("'")
+    if text in ("/", "-", "nan", "-1"):
         return -1
-    return int(float(text))
+    try:
+        return int(float(text))
+    except ValueError:
+        raise DatabaseError(f"'{text}' is not a frame number") from None
+
+
+def text_cell(value: object) -> str:
+    """A name cell as text: ints stay ints (``6.0`` -> ``6``), trailing apostrophes removed."""
+    if _is_blank(value):
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip().rstrip("'").strip()
+
+
+def subject_id(value: object, fmt: str) -> str:
+    """Subject cell -> folder name: integers formatted with ``fmt`` (``sub{:02d}``), text kept."""
+    text = text_cell(value)
+    return fmt.format(int(text)) if text.isdigit() else text
+
+
+class FrameIndex:
+    """Image files of a folder by frame number (the last integer in the file name).
+
+    ``img46.jpg``, ``reg_img46.jpg``, ``006_05562.jpg``, ``175.jpg`` and ``image046433.bmp``
+    all work. Each folder is listed once (long videos hold thousands of frames and many
+    samples).
+    """
+
+    _NUMBER = re.compile(r"(\d+)\D*$")
+
+    def __init__(self) -> None:
+        self._folders: dict[Path, dict[int, Path]] = {}
+
+    def __call__(self, folder: Path) -> dict[int, Path]:
+        folder = Path(folder)
+        if folder not in self._folders:
+            frames: dict[int, Path] = {}
+            if folder.is_dir():
+                for p in sorted(folder.iterdir()):
+                    m = self._NUMBER.search(p.stem)
+                    if p.suffix.lower() in IMAGE_SUFFIXES and m:
+                        frames.setdefault(int(m.group(1)), p)
+            self._folders[folder] = frames
+        return self._folders[folder]
+
+
+def clip_frames(frame_dir: str | Path, onset: int, offset: int) -> list[Path]:
+    """The frame files of a clip, onset..offset inclusive, in frame order (for preprocessing).
+
+    ``offset < 0`` means up to the last frame of the folder.
+    """
+    frames = FrameIndex()(Path(frame_dir))
+    last = offset if offset >= 0 else max(frames, default=-1)
+    return [frames[n] for n in sorted(frames) if onset <= n <= last]
+
+
+def image_problem(path: Path) -> str:
+    """'' when ``path`` opens as an image, else what is wrong (header check only: fast)."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises several kinds
+        return f"unreadable image {path} ({type(e).__name__})"
+    return ""
+
+
+def check_clip(
+    frame_dir: Path, frames: dict[int, Path], onset: int, apex: int, offset: int,
+    check_images: bool = True, frame_name: str = "{}",
+) -> tuple[str, Path | None, Path | None]:
+    """(problem or '', onset frame path, apex frame path or None) of one clip.
+
+    ``frame_name`` (``img{}.jpg``) only names the expected file in messages.
+    """
+    if onset < 0:
+        return "no onset frame in the sheet", None, None
+    if 0 <= offset < onset:
+        return f"offset {offset} before onset {onset}", None, None
+    if apex >= 0 and (apex < onset or 0 <= offset < apex):
+        return f"apex {apex} outside the clip (onset {onset}, offset {offset})", None, None
+    if not frame_dir.is_dir():
+        return f"frame folder missing: {frame_dir}", None, None
+    if onset not in frames:
+        return f"onset frame missing: {frame_dir / frame_name.format(onset)}", None, None
+    if apex >= 0 and apex not in frames:
+        return f"apex frame missing: {frame_dir / frame_name.format(apex)}", None, None
+    onset_path, apex_path = frames[onset], frames[apex] if apex >= 0 else None
+    if check_images:
+        for p in (onset_path, apex_path):
+            problem = image_problem(p) if p is not None else ""
+            if problem:
+                return problem, None, None
+    return "", onset_path, apex_path
+
+
+class Problems:
+    """Per-row problems of one reader run: raise, or skip the sample and list it (never silent).
+
+    Args:
+        source: the sheet (or folder) the rows come from, named in every message.
+        database: database name written into each skipped record.
+        on_error: ``raise`` (a DatabaseError at the first problem) or ``skip``.
+    """
+
+    def __init__(self, source: Path, database: str, on_error: str) -> None:
+        if on_error not in ON_ERROR:
+            raise DatabaseError(f"on_error='{on_error}': use one of {ON_ERROR}")
+        self.source, self.database, self.on_error = Path(source), database, on_error
+        self.skipped: list[dict] = []
+        self._seen: dict[tuple, int | None] = {}
+
+    def fail(self, row: int | None, subject: str, clip: str, problem: str) -> None:
+        """Record one sample's problem: raise DatabaseError, or list it as skipped."""
+        where = f"{self.source} row {row}" if row is not None else str(self.source)
+        if self.on_error == "skip":
+            name = f"{self.source.name} row {row}" if row is not None else str(self.source)
+            self.skipped.append({"database": self.database, "subject": subject, "clip": clip,
+                                 "reason": f"{name}: {problem}"})
+            return
+        raise DatabaseError(
+            f"{where} ({subject} {clip}): {problem}. Fix the sheet or the frames, or set "
+            "data.on_error=skip to leave the sample out (it is then listed in the report)."
+        )
+
+    def duplicate(self, row: int | None, subject: str, clip: str, onset: int) -> bool:
+        """True (and the problem recorded) when (subject, clip) was seen before.
+
+        Clip ids must be unique within a subject (flow caches and reports are keyed by them);
+        readers of databases with several MEs per video put the onset into the clip id.
+        """
+        key = (subject, clip)
+        if key in self._seen:
+            self.fail(row, subject, clip, f"duplicate of row {self._seen[key]} (same subject "
+                      f"and clip, onset {onset}); each sample must appear once")
+            return True
+        self._seen[key] = row
+        return False
+
+
+def check_emotion(emotion: str, known: Iterable[str] | None) -> str:
+    """'' when ``emotion`` is one of ``known`` (None: anything goes), else the problem."""
+    if known is None or emotion in set(known):
+        return ""
+    return (f"unknown emotion '{emotion}' (this database uses {sorted(set(known))}; pass "
+            "emotions=[...] to the reader to accept more)")
+
+
+def collect_samples(
+    specs: Iterable[dict], problems: Problems, fps: float, emotions: Iterable[str] | None = None,
+    check_images: bool = True, index: FrameIndex | None = None,
+) -> pd.DataFrame:
+    """Check each sample a reader found and build the sample table (``mer.data.samples``).
+
+    Each spec holds ``row, subject, clip, onset, apex, offset`` (sheet cells or ints),
+    ``frame_dir``, ``au`` (the AU cell), ``emotion`` and optionally ``objective``, ``fps`` and
+    ``frame_name`` (the file name pattern, for messages).
+    A sample with a problem (bad frame numbers, apex outside the clip, missing or unreadable
+    frames, a duplicate (subject, clip, onset), an unknown emotion) goes to ``problems``.
+    """
+    from mer.data.aus import parse_au_string
+    from mer.data.samples import SAMPLE_COLUMNS
+
+    index, records = index or FrameIndex(), []
+    for s in specs:
+        row, subject, clip = s["row"], s["subject"], s["clip"]
+        if not subject or not clip:
+            problems.fail(row, subject, clip, "no subject or no clip name in the row")
+            continue
+        try:
+            onset, apex, offset = (frame_number(s[k]) for k in ("onset", "apex", "offset"))
+        except DatabaseError as e:
+            problems.fail(row, subject, clip, str(e))
+            continue
+        emotion = text_cell(s["emotion"]).lower()
+        frame_dir = Path(s["frame_dir"])
+        problem = check_emotion(emotion, emotions)
+        if not problem:
+            problem, onset_path, apex_path = check_clip(
+                frame_dir, index(frame_dir), onset, apex, offset, check_images,
+                s.get("frame_name", "{}"))
+        if problem:
+            problems.fail(row, subject, clip, problem)
+            continue
+        if problems.duplicate(row, subject, clip, onset):
+            continue
+        parsed = parse_au_string(s["au"])
+        records.append({
+            "database": problems.database, "subject": subject, "clip": clip, "onset": onset,
+            "apex": apex, "offset": offset, "frame_dir": str(frame_dir),
+            "onset_path": str(onset_path), "apex_path": str(apex_path) if apex_path else "",
+            "au_raw": parsed.raw, "aus": parsed.aus, "au_unknown": parsed.unknown,
+            "emotion": emotion, "objective": s.get("objective", ""), "fps": s.get("fps", fps),
+            "row": row,
+        })
+    return pd.DataFrame(records, columns=SAMPLE_COLUMNS)
+
+
+def find_sheet(folders: Iterable[Path], patterns: Iterable[str], what: str) -> Path:
+    """The first file matching one of ``patterns`` (globs) in one of ``folders``."""
+    folders, patterns = list(folders), list(patterns)
+    for pattern in patterns:
+        for folder in folders:
+            found = sorted(Path(folder).glob(pattern))
+            if found:
+                return found[0]
+    raise DatabaseError(f"no {what} ({' or '.join(patterns)}) in {[str(f) for f in folders]}; "
+                        "set data.sheet to its path")
+
+
+def find_tree(root: Path, names: Iterable[str], probe: str, what: str) -> Path:
+    """The first folder ``root/name`` (``.`` is root itself) holding entries matching ``probe``.
+
+    Releases are unpacked with or without their top folder; this accepts both.
+    """
+    names = list(names)
+    for name in names:
+        folder = Path(root) / name
+        if folder.is_dir() and next(folder.glob(probe), None) is not None:
+            return folder
+    raise DatabaseError(f"{root}: no {what} (looked for {probe} in {names}); point data.root "
+                        "at the folder that holds the release")
+
+
+def interval_type(value: object) -> str:
+    """``macro`` / ``micro`` from the sheets' spellings (``macro-expression``, ``Micro - 1/2``)."""
+    text = text_cell(value).lower()
+    if "micro" in text:
+        return "micro"
+    if "macro" in text:
+        return "macro"
+    return ""
+
+
+def collect_intervals(specs: Iterable[dict], problems: Problems, fps: float) -> pd.DataFrame:
+    """The interval table of a long-video database (``mer.data.samples.INTERVAL_COLUMNS``).
+
+    Each spec holds ``row, subject, video, onset, apex, offset, type, frame_dir, au, emotion``.
+    Checked: frame numbers, onset <= apex <= offset, the type, the video folder.
+    """
+    from mer.data.aus import parse_au_string
+    from mer.data.samples import INTERVAL_COLUMNS
+
+    records = []
+    for s in specs:
+        row, subject, video = s["row"], s["subject"], s["video"]
+        try:
+            onset, apex, offset = (frame_number(s[k]) for k in ("onset", "apex", "offset"))
+        except DatabaseError as e:
+            problems.fail(row, subject, video, str(e))
+            continue
+        problem = ""
+        if onset < 0:
+            problem = "no onset frame in the sheet"
+        elif 0 <= offset < onset:
+            problem = f"offset {offset} before onset {onset}"
+        elif apex >= 0 and (apex < onset or 0 <= offset < apex):
+            problem = f"apex {apex} outside the interval (onset {onset}, offset {offset})"
+        elif s["type"] not in ("macro", "micro"):
+            problem = "expression type is neither macro nor micro"
+        elif not Path(s["frame_dir"]).is_dir():
+            problem = f"video folder missing: {s['frame_dir']}"
+        if problem:
+            problems.fail(row, subject, video, problem)
+            continue
+        parsed = parse_au_string(s["au"])
+        records.append({
+            "database": problems.database, "subject": subject, "video": video, "onset": onset,
+            "apex": apex, "offset": offset, "type": s["type"], "au_raw": parsed.raw,
+            "aus": parsed.aus, "au_unknown": parsed.unknown,
+            "emotion": text_cell(s["emotion"]).lower(), "frame_dir": str(s["frame_dir"]),
+            "fps": fps, "row": row,
+        })
+    return pd.DataFrame(records, columns=INTERVAL_COLUMNS)

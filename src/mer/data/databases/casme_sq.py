@@ -1,0 +1,129 @@
+"""CAS(ME)^2 reader (long videos: spotting intervals, and the micro-expressions as samples).
+
+Layout: ``<root>/rawpic/s15/15_0101disgustingteeth/img1.jpg`` (or ``rawpic_crop/``,
+``cropped/``); sheet ``CAS(ME)^2code_final.xlsx`` (or ``code_final.xlsx``) in ``<root>``.
+
+Quirks written down here:
+- The first sheet has no header: ``subject, expression, onset, apex, offset, AUs, emotion,
+  type, self-report``. ``subject`` is the participant number (1, 2, ...), ``expression`` is
+  ``<video name>_<index>`` (``disgust1_3``).
+- Two more sheets map the codes: participant number -> subject code (1 -> 15, folder
+  ``s15``), video name -> video code (``disgust1`` -> ``0101``). They are recognised by their
+  content, not their position; the video folder is ``<subject code>_<video code>*``
+  (``15_0101disgustingteeth``).
+- ``type`` reads ``macro-expression`` / ``micro-expression``; apex may be 0 or missing.
+- Emotions: negative, positive, surprise, others. 30 fps.
+- A sample's clip id is ``<video folder>_<onset>`` (several expressions per video).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from mer.data.databases.common import (
+    DatabaseError,
+    Problems,
+    collect_intervals,
+    collect_samples,
+    find_sheet,
+    find_tree,
+    interval_type,
+    read_sheet,
+    text_cell,
+)
+
+FPS = 30.0
+EMOTIONS = ("negative", "positive", "surprise", "others")
+_COLUMNS = ["subject", "expression", "onset", "apex", "offset", "au", "emotion", "type"]
+
+
+def _tree_and_sheet(root: Path, sheet: str | Path | None) -> tuple[Path, Path]:
+    tree = find_tree(root, ["rawpic", "rawpic_crop", "cropped", "CASME_sq/rawpic"], "s*",
+                     "CAS(ME)^2 rawpic/ folder (rawpic/s15/)")
+    sheet = Path(sheet) if sheet else find_sheet(
+        [root, tree.parent], ["*code_final*.xls*", "*.xlsx"], "CAS(ME)^2 code_final sheet")
+    return tree, sheet
+
+
+def _code_map(sheets: dict, keys: set[str], accept) -> dict[str, str]:
+    """{key: code} from the first sheet and column pair whose first column holds all ``keys``
+    and whose second column's values pass ``accept``."""
+    for frame in sheets.values():
+        cells = frame.map(text_cell)
+        for a in cells.columns:
+            if not keys <= set(cells[a]):
+                continue
+            for b in cells.columns:
+                pairs = {k: v for k, v in zip(cells[a], cells[b]) if k in keys}
+                if b != a and all(accept(v) for v in pairs.values()):
+                    return pairs
+    return {}
+
+
+def _specs(root: Path, sheet: str | Path | None) -> tuple[list[dict], Path]:
+    """One spec per annotated expression, with its video folder."""
+    tree, sheet = _tree_and_sheet(Path(root), sheet)
+    if not sheet.exists():
+        read_sheet(sheet)  # raises the clear error
+    sheets = pd.read_excel(sheet, header=None, sheet_name=None)
+    first = next(iter(sheets.values()))
+    if first.shape[1] < len(_COLUMNS):
+        raise DatabaseError(f"{sheet}: the first sheet has {first.shape[1]} columns; expected "
+                            f"at least {len(_COLUMNS)} ({', '.join(_COLUMNS)})")
+    codes = first.iloc[:, : len(_COLUMNS)].copy()
+    codes.columns = _COLUMNS
+    codes["_row"] = codes.index + 1
+    # rows whose onset is not a number are titles or a header someone added
+    codes = codes[pd.to_numeric(codes["onset"], errors="coerce").notna()]
+    subjects = {text_cell(v) for v in codes["subject"]}
+    videos = {text_cell(v).rsplit("_", 1)[0] for v in codes["expression"]}
+    others = dict(list(sheets.items())[1:])
+    # participant number -> subject code whose folder s<code> exists
+    subject_code = _code_map(others, subjects, lambda v: (tree / f"s{v}").is_dir())
+    video_code = _code_map(others, videos, lambda v: v.isdigit())
+    specs = []
+    for r in codes.to_dict("records"):
+        number, expression = text_cell(r["subject"]), text_cell(r["expression"])
+        code = subject_code.get(number, number)
+        vcode = video_code.get(expression.rsplit("_", 1)[0], "").zfill(4)
+        subject_dir = tree / f"s{code}"
+        found = sorted(subject_dir.glob(f"{code}_{vcode}*")) if vcode != "0000" else []
+        video = found[0].name if found else f"{code}_{vcode}"
+        specs.append({
+            "row": r["_row"], "subject": f"s{code}", "video": video,
+            "onset": r["onset"], "apex": r["apex"], "offset": r["offset"],
+            "type": interval_type(r["type"]), "frame_dir": subject_dir / video,
+            "au": r["au"], "emotion": r["emotion"],
+        })
+    return specs, sheet
+
+
+def read_casme_sq_intervals(
+    root: str | Path, sheet: str | Path | None = None, database: str = "casme_sq",
+    on_error: str = "raise",
+) -> tuple[pd.DataFrame, list[dict]]:
+    """The interval table (macro and micro) of CAS(ME)^2, and the skipped rows with reasons."""
+    specs, sheet = _specs(Path(root), sheet)
+    problems = Problems(sheet, database, on_error)
+    return collect_intervals(specs, problems, FPS), problems.skipped
+
+
+def read_casme_sq(
+    root: str | Path, sheet: str | Path | None = None, database: str = "casme_sq",
+    on_error: str = "raise", emotions: Iterable[str] | None = EMOTIONS,
+    check_images: bool = True, types: Iterable[str] = ("micro",),
+) -> tuple[pd.DataFrame, list[dict]]:
+    """The expressions of ``types`` (default micro) as a sample table, and the skipped ones."""
+    specs, sheet = _specs(Path(root), sheet)
+    types = set(types)
+    samples = [{**s, "clip": f"{s['video']}_{text_cell(s['onset'])}",
+                "frame_name": "img{}.jpg"} for s in specs if s["type"] in types]
+    problems = Problems(sheet, database, on_error)
+    for s in specs:
+        if s["type"] not in ("macro", "micro"):
+            problems.fail(s["row"], s["subject"], s["video"],
+                          "expression type is neither macro nor micro")
+    return collect_samples(samples, problems, FPS, emotions, check_images), problems.skipped

@@ -1,0 +1,109 @@
+"""SAMM Long Videos reader (spotting intervals, and the micro-expressions as samples).
+
+Layout: ``<root>/SAMM_longvideos/006_1/006_1_0001.jpg`` (or ``SAMM_longvideos_crop/``); sheet
+``SAMM_LongVideos_V*_Release.xlsx`` in ``<root>``.
+
+Quirks written down here:
+- About 10 text rows above the header; the header row is found by ``Subject``/``Filename``.
+- ``Filename`` names the expression (``006_1_2``); its video is the first two parts
+  (``006_1``, the frame folder). ``Subject`` is an integer -> ``%03d``.
+- ``Type`` reads ``Macro`` or ``Micro - 1/2``; 343 macro + 159 micro in V2.
+- No emotion column: emotions come from the SAMM micro sheet when given (``micro_sheet``,
+  matched by ``Filename``), else "".
+- 200 fps; frames are found by their number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from mer.data.databases.common import (
+    Problems,
+    collect_intervals,
+    collect_samples,
+    find_column,
+    find_sheet,
+    find_tree,
+    interval_type,
+    read_table,
+    subject_id,
+    text_cell,
+)
+
+FPS = 200.0
+
+
+def _specs(
+    root: Path, sheet: str | Path | None, micro_sheet: str | Path | None
+) -> tuple[list[dict], Path]:
+    tree = find_tree(root, ["SAMM_longvideos", "SAMM_longvideos_crop", "."], "[0-9]*_*",
+                     "SAMM_longvideos/ folder (SAMM_longvideos/006_1/)")
+    sheet = Path(sheet) if sheet else find_sheet(
+        [root, tree.parent], ["SAMM_LongVideos*.xls*", "*.xlsx"], "SAMM-LV release sheet")
+    df = read_table(sheet, keys=("Subject", "Filename"))
+    col = {
+        "subject": find_column(df, ["Subject"], sheet, "subject"),
+        "name": find_column(df, ["Filename"], sheet, "filename"),
+        "onset": find_column(df, ["Onset", "Onset Frame"], sheet, "onset"),
+        "apex": find_column(df, ["Apex", "Apex Frame"], sheet, "apex"),
+        "offset": find_column(df, ["Offset", "Offset Frame"], sheet, "offset"),
+        "type": find_column(df, ["Type"], sheet, "type (macro/micro)"),
+        "aus": find_column(df, ["Action Units", "AU"], sheet, "action units"),
+    }
+    emotions = _micro_emotions(Path(micro_sheet)) if micro_sheet else {}
+    specs = []
+    for r in df.to_dict("records"):
+        name = text_cell(r[col["name"]])
+        video = "_".join(name.split("_")[:2])  # 006_1_2 -> 006_1
+        specs.append({
+            "row": r["_row"], "subject": subject_id(r[col["subject"]], "{:03d}"),
+            "video": video, "name": name,
+            **{k: r[col[k]] for k in ("onset", "apex", "offset")},
+            "type": interval_type(r[col["type"]]), "frame_dir": tree / video,
+            "au": r[col["aus"]], "emotion": emotions.get(name, ""),
+        })
+    return specs, sheet
+
+
+def _micro_emotions(sheet: Path) -> dict[str, str]:
+    """{Filename: emotion} from the SAMM micro sheet."""
+    df = read_table(sheet, keys=("Subject", "Filename"))
+    name = find_column(df, ["Filename"], sheet, "filename")
+    emotion = find_column(df, ["Estimated Emotion", "emotion"], sheet, "emotion")
+    return {text_cell(n): text_cell(e).lower() for n, e in zip(df[name], df[emotion])}
+
+
+def read_samm_lv_intervals(
+    root: str | Path, sheet: str | Path | None = None, database: str = "samm_lv",
+    on_error: str = "raise", micro_sheet: str | Path | None = None,
+) -> tuple[pd.DataFrame, list[dict]]:
+    """The interval table (macro and micro) of SAMM-LV, and the skipped rows with reasons."""
+    specs, sheet = _specs(Path(root), sheet, micro_sheet)
+    problems = Problems(sheet, database, on_error)
+    return collect_intervals(specs, problems, FPS), problems.skipped
+
+
+def read_samm_lv(
+    root: str | Path, sheet: str | Path | None = None, database: str = "samm_lv",
+    on_error: str = "raise", emotions: Iterable[str] | None = None,
+    check_images: bool = True, types: Iterable[str] = ("micro",),
+    micro_sheet: str | Path | None = None,
+) -> tuple[pd.DataFrame, list[dict]]:
+    """The expressions of ``types`` (default micro) as a sample table, and the skipped ones.
+
+    The clip id is the sheet's ``Filename`` (``006_1_2``), as in SAMM's micro release.
+    """
+    specs, sheet = _specs(Path(root), sheet, micro_sheet)
+    types = set(types)
+    problems = Problems(sheet, database, on_error)
+    samples = []
+    for s in specs:
+        if s["type"] not in ("macro", "micro"):
+            problems.fail(s["row"], s["subject"], s["name"],
+                          "expression type is neither macro nor micro")
+        elif s["type"] in types:
+            samples.append({**s, "clip": s["name"]})
+    return collect_samples(samples, problems, FPS, emotions, check_images), problems.skipped
