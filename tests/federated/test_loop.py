@@ -8,16 +8,11 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from fedtoys import fed_cfg as _fed_cfg_base
+from fedtoys import toy_samples as samples
 
 from mer.data.samples import FlowSamples
 from mer.federated.partition import ClientData, PartitionError, check_partition, natural_clients
-
-
-def samples(n_db=3, n_subjects=5, per_subject=3):
-    rows = [{"database": f"db{d}", "subject": f"s{s}", "clip": f"c{c}", "label": (s + c) % 3}
-            for d in range(n_db) for s in range(n_subjects) for c in range(per_subject)]
-    return FlowSamples(np.zeros((len(rows), 3, 28, 28), np.float32), pd.DataFrame(rows),
-                       ["a", "b", "c"])
 
 
 def test_natural_clients_are_disjoint_databases_split_by_subject():
@@ -145,17 +140,7 @@ def test_more_clients_than_subjects_is_refused():
 
 
 def _fed_cfg(seed=0, **faults):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.create({
-        "seed": seed, "data": {"batch_size": 8, "shuffle": True},
-        "trainer": {"accelerator": "cpu", "devices": 1, "deterministic": True},
-        "model": {"name": "ststnet", "lr": 1e-2, "weight_decay": 0.0, "optimizer": "adam",
-                  "kwargs": {}},
-        "federated": {"rule": {"name": "fedavg"}, "mu": 0.0, "personalise": None,
-                      "server_opt": {"name": "sgd", "lr": 1.0, "momentum": 0.0},
-                      "local_epochs": 1, "fraction": 1.0, "min_clients": 1, "faults": faults},
-    })
+    return _fed_cfg_base(seed=seed, faults=faults)
 
 
 def test_a_crashing_client_does_not_stop_the_round():

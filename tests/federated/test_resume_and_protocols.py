@@ -1,0 +1,113 @@
+"""Round checkpoints and resume; natural sites; holdout repeats; federated LOSO."""
+
+import numpy as np
+import pytest
+from fedtoys import fed_cfg, toy_samples
+from omegaconf import OmegaConf, open_dict
+
+from mer.federated.loop import FederatedRun, make_clients, run_federated
+from mer.federated.partition import PartitionError, check_partition, natural_clients
+from mer.federated.protocols import loso_folds, run_holdout, run_loso
+
+
+def _rounds(cfg, n):
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+    with open_dict(cfg):
+        cfg.federated.rounds = n
+    return cfg
+
+
+@pytest.mark.parametrize("rule", ["pfedprox_adam", "scaffold"])
+def test_an_interrupted_run_resumes_to_the_same_state(tmp_path, rule):
+    s = toy_samples(n_db=3, n_subjects=4, learnable=True)
+    clients = natural_clients(s, seed=0)
+    if rule == "scaffold":
+        cfg = fed_cfg(rule={"name": "scaffold"}, eval_every=2)
+    else:  # personalisation, FedProx anchor, server Adam state, dropout draws
+        cfg = fed_cfg(rule={"name": "fedprox"}, mu=0.01, personalise={"own": 0.9},
+                      server_opt={"name": "fedadam", "eta": 0.01, "tau": 0.001},
+                      faults={"dropout": 0.3}, eval_every=2)
+    straight = FederatedRun(_rounds(cfg, 4), s, clients)
+    straight.run_rounds()
+
+    first = FederatedRun(_rounds(cfg, 2), s, clients, tmp_path)
+    first.run_rounds()  # ... and the process dies here
+    resumed = FederatedRun(_rounds(cfg, 4), s, clients, tmp_path)
+    assert resumed.try_resume() and resumed.round_done == 2
+    resumed.run_rounds()
+    for a, b in zip(straight.global_weights, resumed.global_weights):
+        np.testing.assert_array_equal(a, b)
+    for name in straight.state:
+        for attr in ("personal", "control"):
+            sa, sb = getattr(straight.state[name], attr), getattr(resumed.state[name], attr)
+            assert (sa is None) == (sb is None)
+            for a, b in zip(sa or [], sb or []):
+                np.testing.assert_array_equal(a, b)
+    assert [r["round"] for r in resumed.stats] == [1, 2, 3, 4]
+    assert [c["pooled_global"] for c in resumed.curves] == \
+        [c["pooled_global"] for c in straight.curves]
+
+
+def test_a_checkpoint_of_another_recipe_is_not_resumed(tmp_path):
+    s = toy_samples(n_db=2, n_subjects=4)
+    clients = natural_clients(s, seed=0)
+    FederatedRun(_rounds(fed_cfg(), 1), s, clients, tmp_path).run_rounds()
+    other = FederatedRun(_rounds(fed_cfg(lr=0.5), 2), s, clients, tmp_path)
+    assert not other.try_resume() and other.round_done == 0
+
+
+def test_run_federated_with_resume_true_skips_finished_rounds(tmp_path):
+    s = toy_samples(n_db=2, n_subjects=4)
+    clients = natural_clients(s, seed=0)
+    cfg = _rounds(fed_cfg(), 2)
+    run_federated(cfg, s, clients, tmp_path, show_progress=False)
+    with open_dict(cfg):
+        cfg.resume, cfg.federated.rounds = True, 3
+    result = run_federated(cfg, s, clients, tmp_path, show_progress=False)
+    assert result["resumed_after_round"] == 2 and len(result["rounds"]) == 3
+
+
+def test_natural_sites_split_databases_by_subject():
+    s = toy_samples(n_db=3, n_subjects=6)
+    cfg = fed_cfg(num_clients=5)
+    clients = make_clients(cfg, s)
+    assert len(clients) == 5
+    check_partition(s, clients)
+    names = [c.name for c in clients]
+    assert sorted(names) == ["db0-1", "db0-2", "db1-1", "db1-2", "db2"]
+    held = np.sort(np.concatenate([np.concatenate([c.train_idx, c.test_idx]) for c in clients]))
+    assert held.tolist() == list(range(len(s.meta)))  # nothing dropped
+    with pytest.raises(PartitionError, match="at least 3"):
+        make_clients(fed_cfg(num_clients=2), s)
+    with pytest.raises(PartitionError, match="at most 9 clients"):
+        make_clients(fed_cfg(num_clients=10), s)
+
+
+def test_holdout_repeats_report_mean_and_std(tmp_path):
+    s = toy_samples(n_db=2, n_subjects=5, learnable=True)
+    cfg = _rounds(fed_cfg(protocol={"kind": "holdout", "repeats": 3}), 1)
+    result = run_holdout(cfg, s, tmp_path, show_progress=False)
+    rep = result["repeats"]
+    assert rep["seeds"] == [0, 1, 2]
+    values = rep["summary"]["global"]["uf1"]["values"]
+    assert len(values) == 3 and values[0] == result["final"]["pooled_global"]["uf1"]
+    assert rep["summary"]["global"]["uf1"]["mean"] == pytest.approx(np.mean(values))
+    assert rep["summary"]["global"]["uf1"]["std"] == pytest.approx(np.std(values, ddof=1))
+
+
+def test_federated_loso_holds_each_subject_out_of_its_client(tmp_path):
+    s = toy_samples(n_db=2, n_subjects=3, learnable=True)
+    clients = natural_clients(s, seed=0)
+    folds = loso_folds(s, clients)
+    keys = s.meta["subject_key"].to_numpy()
+    assert [f for f, _ in folds] == sorted(set(keys))
+    for subject, fold in folds:
+        test = np.concatenate([c.test_idx for c in fold])
+        train = np.concatenate([c.train_idx for c in fold])
+        assert set(keys[test]) == {subject} and subject not in set(keys[train])
+        assert len(test) + len(train) == len(keys)
+        check_partition(s, fold)
+    result = run_loso(_rounds(fed_cfg(), 1), s, tmp_path, show_progress=False)
+    assert result["protocol"] == {"kind": "loso", "folds": 6}
+    assert sorted(result["predictions"]["index"]) == list(range(len(keys)))
+    assert result["final"]["pooled_global"]["n"] == len(keys)
