@@ -1,0 +1,338 @@
+"""Differential privacy: DP-SGD at each client (Opacus, inside Lightning) and central DP.
+
+**DP-SGD at a client** (Abadi et al., 2016) protects each *training sample* of that client's
+data: every step draws a Poisson batch (each sample in with probability q), clips each
+per-sample gradient to L2 norm ``max_grad_norm`` (C), adds Gaussian noise of std
+``noise_multiplier * C`` to their sum and divides by the expected batch size ``q * n``.
+Opacus does all of it: per-sample gradients by hooks (``GradSampleHooks``), clipping and
+noise (``DPOptimizer``), Poisson batches (``DPDataLoader``) and the accountant (RDP or PRV).
+Each client keeps one accountant (:class:`ClientPrivacy`) for the whole federation, so its
+epsilon grows with the rounds: ``epsilon(delta)`` after round r counts all its steps so far.
+Note: one micro-expression clip is one sample; a subject with several clips is protected
+only as a group (group privacy: roughly k * epsilon for k clips).
+
+Use in a Lightning fit (what the federated loop does per client and round)::
+
+    fix_module(module)                      # at build time, for *every* copy of the model
+    module, dm = make_private(module, datamodule, dp, privacy, seed)
+    trainer.fit(module, datamodule=dm)
+    privacy.epsilon()                       # cumulative (epsilon, at dp.delta)
+
+Models: batch norm mixes samples in a batch, so per-sample gradients do not exist;
+:func:`fix_module` converts it with ``opacus.validators.ModuleValidator.fix`` (BatchNorm ->
+GroupNorm; this changes the state-dict layout, so the server's model must be fixed alike)
+and turns in-place activations off (Opacus' backward hooks cannot see through them). Models
+Opacus cannot handle after that (e.g. DPK-GAT: modules with both parameters and buffers)
+are refused by :func:`make_private` with :class:`DPUnsupportedModel`.
+
+FedProx under DP-SGD: the proximal term ``mu/2 ||w - w_global||^2`` involves no data, so its
+gradient is added *after* clipping and noise (post-processing: no privacy cost).
+
+**Central DP** (DP-FedAvg, McMahan et al., 2018) protects each *client*: the server clips
+each client's update ``w_k - w_global`` to L2 norm C, averages the K updates (unweighted:
+the sensitivity is then C / K) and adds Gaussian noise of std ``noise_multiplier * C / K``.
+Its epsilon comes from Opacus' RDP accountant with one step per round at sampling rate
+``K / (number of clients)``. (The loop samples a fixed number of clients without
+replacement; the Poisson-sampling bound is exact when every client takes part, q = 1.)
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import GradSampleHooks
+from opacus.validators import ModuleValidator
+from torch.utils.data import TensorDataset
+
+from mer.engine.module import MERModule
+from mer.privacy.base import Layout, Weights, flatten, unflatten
+
+
+class DPUnsupportedModel(ValueError):
+    """The network cannot be trained with per-sample gradients by Opacus."""
+
+
+@dataclass
+class DPConfig:
+    """DP-SGD parameters (``conf/privacy/dp.yaml``).
+
+    Attributes:
+        noise_multiplier: sigma; noise std = sigma * max_grad_norm. Ignored when
+            ``target_epsilon`` is set (see :func:`noise_for_budget`).
+        max_grad_norm: per-sample clipping norm C.
+        target_epsilon: the budget over all planned steps (optional).
+        delta: the delta of (epsilon, delta); below 1 / n.
+        accountant: ``rdp`` or ``prv`` (Opacus accountants).
+        sample_rate: Poisson sampling rate q; None: ``1 / round(n_train / batch_size)``
+            (so that an epoch is a whole number of steps and Opacus, which accounts
+            ``1 / steps per epoch``, accounts exactly the rate used).
+        secure_mode: Opacus' cryptographically secure noise (needs torchcsprng).
+    """
+
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    sample_rate: float | None = None
+    secure_mode: bool = False
+
+
+def noise_for_budget(dp: DPConfig, sample_rate: float, steps: int) -> float:
+    """The noise multiplier that spends ``dp.target_epsilon`` (at ``dp.delta``) in ``steps``
+    steps of Poisson rate ``sample_rate`` (Opacus' ``get_noise_multiplier``); without a
+    target, ``dp.noise_multiplier``."""
+    if dp.target_epsilon is None:
+        return float(dp.noise_multiplier)
+    return float(get_noise_multiplier(target_epsilon=dp.target_epsilon, target_delta=dp.delta,
+                                      sample_rate=sample_rate, steps=steps,
+                                      accountant=dp.accountant))
+
+
+class ClientPrivacy:
+    """One client's DP-SGD accountant, kept across rounds (history of (sigma, q, steps))."""
+
+    def __init__(self, client_id: str, dp: DPConfig, noise_multiplier: float | None = None):
+        self.client_id, self.dp = client_id, dp
+        self.noise_multiplier = float(noise_multiplier if noise_multiplier is not None
+                                      else dp.noise_multiplier)
+        self.accountant = create_accountant(mechanism=dp.accountant)
+
+    @property
+    def steps(self) -> int:
+        return int(sum(s for _, _, s in self.accountant.history))
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """Epsilon spent so far at ``delta`` (default ``dp.delta``); 0 before any step."""
+        if not self.accountant.history:
+            return 0.0
+        return float(self.accountant.get_epsilon(delta=delta if delta is not None
+                                                 else self.dp.delta))
+
+
+def fix_module(module: MERModule) -> MERModule:
+    """Make ``module.net`` trainable by Opacus, in place: BatchNorm -> GroupNorm
+    (``ModuleValidator.fix``), in-place activations off. Returns the module."""
+    module.net = ModuleValidator.fix(module.net)
+    for m in module.net.modules():
+        if getattr(m, "inplace", False):
+            m.inplace = False
+    return module
+
+
+def _check_supported(net: torch.nn.Module) -> None:
+    errors = ModuleValidator.validate(net, strict=False)
+    if errors:
+        raise DPUnsupportedModel(
+            f"{type(net).__name__} cannot be trained with DP-SGD as it is: "
+            f"{'; '.join(str(e).splitlines()[0] for e in errors[:3])}. Build every copy of "
+            "the model (server and clients) through mer.privacy.dp.fix_module(module), which "
+            "converts batch norm to group norm")
+    inplace = [n for n, m in net.named_modules() if getattr(m, "inplace", False)]
+    if inplace:
+        raise DPUnsupportedModel(f"{type(net).__name__}: in-place modules {inplace[:3]} break "
+                                 "Opacus' hooks; use mer.privacy.dp.fix_module(module)")
+
+
+def _probe_grad_samples(net: torch.nn.Module) -> None:
+    """Refuse early (not mid-fit) a network Opacus' per-sample hooks cannot take."""
+    try:
+        GradSampleHooks(net).cleanup()
+    except NotImplementedError as e:
+        raise DPUnsupportedModel(
+            f"Opacus cannot compute per-sample gradients of {type(net).__name__}: "
+            f"{str(e).splitlines()[0][:300]}. Train it without DP-SGD (privacy=central_dp "
+            "protects clients at the server) or with a model such as ststnet") from e
+
+
+def sample_rate_for(dp: DPConfig, n_train: int, batch_size: int) -> float:
+    """Poisson rate q: ``dp.sample_rate`` or ``1 / round(n_train / batch_size)``."""
+    if dp.sample_rate:
+        return float(dp.sample_rate)
+    return 1.0 / max(1, round(n_train / batch_size))
+
+
+class DPDataModule(L.LightningDataModule):
+    """A :class:`~mer.data.datamodule.SplitDataModule` whose training batches are Poisson
+    samples (Opacus' ``DPDataLoader``): each step includes each training sample with
+    probability ``sample_rate``; an epoch is ``round(1 / sample_rate)`` steps. Other loaders
+    are the wrapped module's."""
+
+    def __init__(self, datamodule, sample_rate: float, seed: int = 0) -> None:
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"DP sample_rate must be in (0, 1], got {sample_rate}")
+        self.inner, self.sample_rate, self.seed = datamodule, float(sample_rate), seed
+        idx = torch.as_tensor(datamodule.train_idx, dtype=torch.long)
+        self.train_set = TensorDataset(*(t[idx] for t in datamodule.tensors))
+
+    def train_dataloader(self) -> DPDataLoader:
+        gen = torch.Generator().manual_seed(self.seed)
+        return DPDataLoader(self.train_set, sample_rate=self.sample_rate, generator=gen)
+
+    def val_dataloader(self):
+        return self.inner.val_dataloader()
+
+    def test_dataloader(self):
+        return self.inner.test_dataloader()
+
+    def predict_dataloader(self):
+        return self.inner.predict_dataloader()
+
+
+def make_private(module: MERModule, datamodule, dp: DPConfig, privacy: ClientPrivacy,
+                 seed: int = 0) -> tuple[MERModule, DPDataModule]:
+    """Make a module's next ``Trainer.fit`` DP-SGD; returns ``(module, dp_datamodule)``.
+
+    In place: ``configure_optimizers`` wraps the module's optimiser in Opacus' DPOptimizer
+    (clip to ``dp.max_grad_norm``, noise ``privacy.noise_multiplier``), attaches per-sample
+    gradient hooks to ``module.net`` (no wrapper: the state dict keeps its keys) and
+    ``privacy``'s accountant; the hooks are removed at the end of the fit. Fit with the
+    returned datamodule (Poisson batches at :func:`sample_rate_for`).
+
+    Raises:
+        DPUnsupportedModel: the network has batch norm / in-place modules (run
+            :func:`fix_module` first) or layers Opacus cannot take per-sample gradients of.
+    """
+    _check_supported(module.net)
+    _probe_grad_samples(module.net)
+    dm = DPDataModule(datamodule, sample_rate_for(dp, len(datamodule.train_idx),
+                                                  datamodule.batch_size), seed)
+    base_configure = module.configure_optimizers
+    base_training_step = module.training_step
+
+    def configure_optimizers(self):
+        optimizer = base_configure()
+        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
+        engine.accountant = privacy.accountant  # the client's history carries on
+        noise_gen = None if dp.secure_mode else torch.Generator().manual_seed(seed + 1)
+        hooks, dp_opt, _ = engine.make_private(
+            module=self.net, optimizer=optimizer, data_loader=dm.train_dataloader(),
+            noise_multiplier=privacy.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=False, wrap_model=False, noise_generator=noise_gen)
+        self._dp_hooks = hooks
+        if self.proximal_mu:
+            _add_proximal_after_noise(dp_opt, self)
+        return dp_opt
+
+    def training_step(self, batch, batch_idx):
+        if len(batch[1]) == 0:  # an empty Poisson batch: the step is noise only
+            out = self(batch[0])
+            return getattr(out, "logits", out).sum() * 0.0
+        return base_training_step(batch, batch_idx)
+
+    def on_fit_end(self):
+        hooks = getattr(self, "_dp_hooks", None)
+        if hooks is not None:
+            hooks.cleanup()  # removes the hooks and Opacus' attributes on the parameters
+            self._dp_hooks = None
+
+    module.configure_optimizers = types.MethodType(configure_optimizers, module)
+    module.training_step = types.MethodType(training_step, module)
+    module.on_fit_end = types.MethodType(on_fit_end, module)
+    return module, dm
+
+
+def _add_proximal_after_noise(dp_opt, module: MERModule) -> None:
+    """Chain onto Opacus' step hook (run after clip + noise): p.grad += mu * (p - anchor)."""
+    accountant_hook = dp_opt.step_hook
+
+    def hook(opt) -> None:
+        if accountant_hook is not None:
+            accountant_hook(opt)
+        with torch.no_grad():
+            for p, a in zip(module.net.parameters(), module._proximal_anchor):
+                if p.grad is not None:
+                    p.grad.add_(p - a.to(p.device), alpha=module.proximal_mu)
+
+    dp_opt.step_hook = hook
+
+
+# --------------------------------------------------------------------------------------------
+# central DP at the server
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CentralDPConfig:
+    """Central DP parameters (``conf/privacy/central_dp.yaml``).
+
+    Attributes:
+        noise_multiplier: sigma; noise std on the mean update = sigma * clip_norm / K.
+        clip_norm: C, the bound on each client's update norm (all state-dict entries).
+        delta: the delta of (epsilon, delta); below 1 / (number of clients).
+        accountant: ``rdp`` (Opacus).
+    """
+
+    noise_multiplier: float = 1.0
+    clip_norm: float = 1.0
+    delta: float = 1e-3
+    accountant: str = "rdp"
+
+
+def clip_update(weights: Weights, reference: Weights, clip_norm: float) -> tuple[Weights, float]:
+    """``reference + clip(w - reference)``: the update scaled to L2 norm <= C over all
+    entries. Returns the clipped model and the update's norm before clipping."""
+    layout = Layout.of(reference)
+    ref = flatten(reference)
+    delta = flatten(weights) - ref
+    norm = float(np.linalg.norm(delta))
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return unflatten(ref + delta * scale, layout), norm
+
+
+class CentralDP:
+    """DP-FedAvg at the server: clip each update to C, unweighted mean, Gaussian noise.
+
+    ``aggregate`` does all three on plaintext updates; under secure aggregation the clients
+    clip (:func:`clip_update`) and send ``n = 1`` so the secure mean is the unweighted one,
+    and the server calls :meth:`add_noise` on it.
+    """
+
+    def __init__(self, cfg: CentralDPConfig, num_clients: int, seed: int = 0) -> None:
+        if num_clients <= 0:
+            raise ValueError("CentralDP: num_clients must be > 0")
+        self.cfg, self.num_clients = cfg, int(num_clients)
+        self.accountant = create_accountant(mechanism=cfg.accountant)
+        self.rng = np.random.default_rng(seed)
+
+    def noise_std(self, num_sampled: int) -> float:
+        """Std of the noise on the mean update: sigma * C / K."""
+        return self.cfg.noise_multiplier * self.cfg.clip_norm / num_sampled
+
+    def add_noise(self, global_weights: Weights, mean_weights: Weights,
+                  num_sampled: int) -> Weights:
+        """``global + (mean - global) + N(0, (sigma C / K)^2)`` per entry; one accountant step
+        at rate ``K / num_clients``. ``mean_weights`` = unweighted mean of clipped models."""
+        layout = Layout.of(global_weights)
+        mean = flatten(mean_weights)
+        noisy = mean + self.rng.normal(0.0, self.noise_std(num_sampled), size=mean.shape)
+        self.accountant.step(noise_multiplier=self.cfg.noise_multiplier,
+                             sample_rate=min(1.0, num_sampled / self.num_clients))
+        return unflatten(noisy, layout)
+
+    def aggregate(self, global_weights: Weights, results: list[tuple[Weights, int]]) -> Weights:
+        """Clip every client's update to C, take the unweighted mean, add noise.
+
+        Example counts are ignored (weighting would change the sensitivity)."""
+        if not results:
+            raise ValueError("CentralDP: no client results")
+        clipped = [flatten(clip_update(w, global_weights, self.cfg.clip_norm)[0])
+                   for w, _ in results]
+        mean = unflatten(np.mean(clipped, axis=0), Layout.of(global_weights))
+        return self.add_noise(global_weights, mean, len(results))
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """Client-level epsilon spent so far (0 before the first round)."""
+        if not self.accountant.history:
+            return 0.0
+        return float(self.accountant.get_epsilon(delta=delta if delta is not None
+                                                 else self.cfg.delta))
