@@ -92,8 +92,14 @@ def read_tables(data_cfg: DictConfig, cache_dir: Path) -> tuple[pd.DataFrame, li
     raise DataConfigError(f"data.kind '{data_cfg.kind}' has no frame reader")
 
 
-def load_samples(data_cfg: DictConfig, cache_dir: str | Path) -> FlowSamples:
-    """Build the FlowSamples a data config describes, using the on-disk caches."""
+def load_samples(data_cfg: DictConfig, cache_dir: str | Path,
+                 prepared: bool | None = None) -> FlowSamples:
+    """Build the FlowSamples a data config describes, using the on-disk caches.
+
+    ``prepared``: serve frame-based sources through the full pipeline (face, alignment, apex
+    estimation, ``mer.data.preprocess.prepared``); None follows ``data.prepared`` (``auto``:
+    once ``python -m mer.prepare`` has prepared this config).
+    """
     if data_cfg.kind == "flowcache":
         from mer.data.databases.flowcache import read_flowcache
 
@@ -101,9 +107,11 @@ def load_samples(data_cfg: DictConfig, cache_dir: str | Path) -> FlowSamples:
                               class_names=tuple(data_cfg.class_names))
     from mer.data.preprocess.cache import FlowCache
     from mer.data.preprocess.pipeline import FlowParams, flow_images
+    from mer.data.preprocess.prepared import prepared_images, use_prepared
 
     table, excluded, families, provenance = read_tables(data_cfg, Path(cache_dir))
-    no_apex = table["apex"] < 0
+    full = use_prepared(data_cfg, cache_dir) if prepared is None else prepared
+    no_apex = (table["apex"] < 0) & (not full)  # the full pipeline estimates the apex
     for r in table[no_apex].itertuples():
         excluded.append({"database": r.database, "subject": r.subject, "clip": r.clip,
                          "reason": "no apex frame in the sheet (apex estimation: mer.prepare)"})
@@ -112,21 +120,28 @@ def load_samples(data_cfg: DictConfig, cache_dir: str | Path) -> FlowSamples:
         table, _container(data_cfg.label_scheme), families)
     excluded += dropped
     params = FlowParams(**_container(data_cfg.flow))
-    x, kept, failures = flow_images(
-        table, params, FlowCache(Path(cache_dir) / "flow"), workers=_workers(data_cfg),
-        on_error=data_cfg.get("on_error", "raise"))
+    if full:
+        x, kept, failures, landmarks, provenance["prepare"] = prepared_images(
+            table, data_cfg, cache_dir, _workers(data_cfg), data_cfg.get("on_error", "raise"))
+    else:
+        x, kept, failures = flow_images(
+            table, params, FlowCache(Path(cache_dir) / "flow"), workers=_workers(data_cfg),
+            on_error=data_cfg.get("on_error", "raise"))
     excluded += failures
     meta = table.iloc[np.asarray(kept, dtype=np.int64)].reset_index(drop=True)
     meta = meta[["database", "subject", "clip", "label", "emotion", "au_raw", "aus", "onset",
                  "apex"]].copy()
+    if full:
+        meta["apex"] = provenance["prepare"].pop("apex")  # estimated where the sheet had none
     # Databases of a family without AU annotation (SMIC) train no AU head: the mask says so.
     meta["has_aus"] = [families[db] not in NO_AU_FAMILIES for db in meta["database"]]
     provenance["flow"] = params.key()
-    landmarks = None
-    if "landmarks" in table and len(kept):
-        # fractions of the frame -> pixel centres of the out_size x out_size flow image
-        kept_lm = np.stack(list(table["landmarks"].iloc[np.asarray(kept, dtype=np.int64)]))
-        landmarks = (kept_lm * params.out_size - 0.5).astype(np.float32)
+    if not full:
+        landmarks = None
+        if "landmarks" in table and len(kept):
+            # fractions of the frame -> pixel centres of the out_size x out_size flow image
+            kept_lm = np.stack(list(table["landmarks"].iloc[np.asarray(kept, dtype=np.int64)]))
+            landmarks = (kept_lm * params.out_size - 0.5).astype(np.float32)
     return FlowSamples(x, meta, class_names, excluded, provenance["synthetic"], provenance,
                        landmarks)
 

@@ -5,8 +5,10 @@ a re-run over the same frames with the same parameters finds every entry, while 
 frame's bytes, a parameter or the pipeline code (bump ``VERSION``) computes afresh. Paths play
 no part: moving a database keeps its cache valid.
 
-Layout: ``root/<key[:2]>/<key>.npy``. Entries are written to a temporary file and renamed into
-place, so an interrupted run never leaves a half-written entry under a valid name.
+Layout: ``root/<key[:2]>/<key>.npy`` (one array) or ``<key>.npz`` (several named arrays, one
+per clip of the full pipeline, :meth:`FlowCache.get_arrays`). Entries are written to a
+temporary file and renamed into place, so an interrupted run never leaves a half-written entry
+under a valid name.
 """
 
 from __future__ import annotations
@@ -84,3 +86,35 @@ class FlowCache:
 
     def __contains__(self, key: str) -> bool:
         return self.path(key).exists()
+
+    def arrays_path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npz"
+
+    def get_arrays(self, key: str) -> dict[str, np.ndarray] | None:
+        """The named arrays stored under ``key``, or None when absent or unreadable."""
+        path = self.arrays_path(key)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {name: z[name] for name in z.files}
+        except FileNotFoundError:
+            self.misses += 1
+            return None
+        except (OSError, ValueError, EOFError, KeyError) as exc:
+            log.warning("unreadable cache entry %s (%s); it will be recomputed", path, exc)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return arrays
+
+    def put_arrays(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+        """Store named arrays under ``key`` atomically (one ``.npz``)."""
+        path = self.arrays_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

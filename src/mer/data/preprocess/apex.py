@@ -1,0 +1,58 @@
+"""Apex estimation for databases without an apex annotation (SMIC): the frame of largest
+motion relative to onset.
+
+Each candidate frame's flow from onset (DIS, fast and good at small motion) is measured by its
+mean magnitude over the frame (or a mask); the apex is the candidate with the largest value.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from mer.data.preprocess.flow import compute_flow
+
+
+def frame_path(onset_path: str | Path, onset: int, k: int) -> Path:
+    """Path of frame ``k`` of a clip, from the onset frame's path and number.
+
+    The onset number is the last run of its digits in the file name (``img46.jpg``,
+    ``006_05562.jpg``); zero padding is kept.
+    """
+    p = Path(onset_path)
+    matches = list(re.finditer(r"\d+", p.stem))
+    if not matches or int(matches[-1].group()) != int(onset):
+        raise ValueError(f"{p}: the file name does not end with the onset number {onset}")
+    m = matches[-1]
+    digits = m.group()
+    number = str(k).zfill(len(digits)) if digits.startswith("0") else str(k)
+    return p.with_name(p.stem[:m.start()] + number + p.stem[m.end():] + p.suffix)
+
+
+def motion_curve(frames: list[np.ndarray], mask: np.ndarray | None = None,
+                 method: str = "dis") -> np.ndarray:
+    """(T,) mean flow magnitude from ``frames[0]`` to each frame (0 for the first).
+
+    frames: T (H, W) uint8 grey frames; mask: optional (H, W) bool of the pixels that count.
+    """
+    onset = frames[0]
+    curve = np.zeros(len(frames), np.float64)
+    for i in range(1, len(frames)):
+        flow = compute_flow(onset, frames[i], method)
+        mag = np.hypot(flow[..., 0], flow[..., 1])
+        curve[i] = float(mag[mask].mean() if mask is not None else mag.mean())
+    return curve
+
+
+def estimate_apex(frames: list[np.ndarray], numbers: list[int], mask: np.ndarray | None = None,
+                  method: str = "dis") -> int:
+    """The frame number (from ``numbers``) of largest motion relative to ``frames[0]``.
+
+    frames: T >= 2 (H, W) uint8 grey frames, onset first; numbers: their T frame numbers.
+    """
+    if len(frames) != len(numbers) or len(frames) < 2:
+        raise ValueError("estimate_apex needs >= 2 frames and one number per frame")
+    curve = motion_curve(frames, mask, method)
+    return int(numbers[int(np.argmax(curve))])
