@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mer.data.databases import read_database
 from mer.data.databases.casme2 import read_casme2
 from mer.data.databases.common import DatabaseError
 from mer.data.labels import LabelError, apply_label_scheme
@@ -79,15 +80,49 @@ def test_unknown_emotion_names_the_row(tmp_path):
         apply_label_scheme(table, "composite", "casme2")
 
 
+def test_unreadable_image(tmp_path):
+    root = build_tree(tmp_path, ROWS)
+    (root / "CASME2_RAW_selected/sub02/EP04_03/img10.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DatabaseError, match=r"row 5 .*unreadable image .*img10\.jpg"):
+        read_casme2(root)
+    table, skipped = read_casme2(root, on_error="skip")
+    assert "EP04_03" not in set(table["clip"]) and skipped[0]["clip"] == "EP04_03"
+
+
+def test_onset_after_apex(tmp_path):
+    rows = ROWS[:2] + [(2, "EP01_01", 16, 15, 19, "R14", "repression")] + ROWS[3:]
+    with pytest.raises(DatabaseError, match=r"row 4 .*apex 15 outside the clip \(onset 16"):
+        read_casme2(build_tree(tmp_path, rows))
+
+
+def test_duplicate_sample(tmp_path):
+    rows = ROWS + [(1, "EP02_01f", 10, 13, 18, "12", "happiness")]
+    root = build_tree(tmp_path, rows)
+    with pytest.raises(DatabaseError, match=r"row 7 \(sub01 EP02_01f\): duplicate of row 2"):
+        read_casme2(root)
+    table, skipped = read_casme2(root, on_error="skip")
+    assert len(table) == 5 and "duplicate of row 2" in skipped[0]["reason"]
+
+
 def test_real_casme2_sheet_composite_counts(annotation_sheet, tmp_path):
-    sheet = pd.read_excel(annotation_sheet("CASME2-coding.xlsx"))
-    emotions = sheet["emotion"].str.lower()
-    table = pd.DataFrame({"database": "casme2", "subject": sheet["Subject"], "clip":
-                          sheet["Filename"], "emotion": emotions, "aus": [()] * len(sheet),
-                          "row": range(2, len(sheet) + 2)})
+    """The real sheet through the reader (frames written per row): composite 88/32/25."""
+    sheet = annotation_sheet("CASME2-coding.xlsx")
+    real = pd.read_excel(sheet)
+    for r in real.to_dict("records"):
+        d = tmp_path / "CASME2_RAW_selected" / f"sub{int(r['Subject']):02d}" / r["Filename"]
+        d.mkdir(parents=True, exist_ok=True)
+        for n in {int(r["Onset Frame"]), int(r["Apex Frame"]), int(r["OffsetFrame"])}:
+            cv2.imwrite(str(d / f"img{n}.jpg"), np.zeros((4, 4), np.uint8))
+    table, skipped = read_database("casme2", tmp_path, sheet=sheet, check_images=False)
+    assert skipped == [] and len(table) == len(real) == 250
     kept, classes, excluded = apply_label_scheme(table, "composite", "casme2")
-    counts = kept["label"].value_counts().sort_index().tolist()
-    # happiness 32 and surprise 25 as published; negative = disgust + repression of the sheet
-    assert counts[1:] == [32, 25]
-    assert counts[0] == int(emotions.isin(["disgust", "repression"]).sum())
-    assert len(excluded) == int(emotions.isin(["others", "fear", "sadness"]).sum())
+    assert kept["label"].value_counts().sort_index().tolist() == [88, 32, 25]
+    assert kept["subject"].nunique() == 24
+    emotions = table["emotion"]
+    # the emotion exclusions, plus the two clips of COMPOSITE_EXCLUDED_CLIPS (both disgust)
+    assert len(excluded) == int(emotions.isin(["others", "fear", "sadness"]).sum()) + 2 == 105
+    clips = {(e["subject"], e["clip"]) for e in excluded if "apex" in e["reason"]}
+    assert clips == {("sub04", "EP12_01f"), ("sub05", "EP09_05f")}
+    kept, classes, _ = apply_label_scheme(table, "casme2_5class", "casme2")
+    assert kept["label"].map(lambda i: classes[i]).value_counts().to_dict() == {
+        "others": 94, "disgust": 63, "happiness": 32, "repression": 27, "surprise": 25}

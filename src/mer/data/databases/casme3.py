@@ -12,6 +12,7 @@ Quirks written down here:
 - ``Objective class`` is written ``I``..``VII``; emotions lower-case, ``happy``/``sad``
   (not happiness/sadness).
 - AU strings use side prefixes ``L``/``R``/``B``/``T`` (``R12``, ``L1+2``, ``T18``).
+- An offset of 0 means "not annotated" (two rows of v2, spNO.40 e): offset = -1.
 """
 
 from __future__ import annotations
@@ -61,10 +62,13 @@ def read_casme3(
     specs = []
     for r in df.to_dict("records"):
         subject, video = text_cell(r[col["subject"]]), text_cell(r[col["clip"]])
+        offset = r[col["offset"]]
+        if text_cell(offset) == "0":  # 0: offset not annotated
+            offset = -1
         specs.append({
             "row": r["_row"], "subject": subject,
             "clip": f"{video}_{text_cell(r[col['onset']])}",  # "b" repeats: "b_166" does not
-            **{k: r[col[k]] for k in ("onset", "apex", "offset")},
+            "onset": r[col["onset"]], "apex": r[col["apex"]], "offset": offset,
             "frame_dir": tree / subject / video / "color", "frame_name": "{}.jpg",
             "au": r[col["aus"]], "emotion": r[col["emotion"]],
             "objective": text_cell(r[objective]).upper() if objective else "",
