@@ -11,7 +11,8 @@ Quirks written down here:
   ``s15``), video name -> video code (``disgust1`` -> ``0101``). They are recognised by their
   content, not their position; the video folder is ``<subject code>_<video code>*``
   (``15_0101disgustingteeth``).
-- ``type`` reads ``macro-expression`` / ``micro-expression``; apex may be 0 or missing.
+- ``type`` reads ``macro-expression`` / ``micro-expression``.
+- Frames start at ``img1``: an apex or offset of 0 means "not annotated" -> -1.
 - Emotions: negative, positive, surprise, others. 30 fps.
 - A sample's clip id is ``<video folder>_<onset>`` (several expressions per video).
 """
@@ -49,18 +50,23 @@ def _tree_and_sheet(root: Path, sheet: str | Path | None) -> tuple[Path, Path]:
 
 
 def _code_map(sheets: dict, keys: set[str], accept) -> dict[str, str]:
-    """{key: code} from the first sheet and column pair whose first column holds all ``keys``
-    and whose second column's values pass ``accept``."""
+    """{key: code} from the sheet and column pair (key column, code column) that maps the most
+    of ``keys`` to codes passing ``accept``; keys it lacks are reported per row."""
+    best: dict[str, str] = {}
     for frame in sheets.values():
         cells = frame.map(text_cell)
         for a in cells.columns:
-            if not keys <= set(cells[a]):
+            if not keys & set(cells[a]):
                 continue
             for b in cells.columns:
                 pairs = {k: v for k, v in zip(cells[a], cells[b]) if k in keys}
-                if b != a and all(accept(v) for v in pairs.values()):
-                    return pairs
-    return {}
+                if b != a and len(pairs) > len(best) and all(map(accept, pairs.values())):
+                    best = pairs
+    return best
+
+
+def _zero_is_none(cell: object) -> object:
+    return -1 if text_cell(cell) == "0" else cell  # 0: not annotated (frames start at img1)
 
 
 def _specs(root: Path, sheet: str | Path | None) -> tuple[list[dict], Path]:
@@ -87,14 +93,17 @@ def _specs(root: Path, sheet: str | Path | None) -> tuple[list[dict], Path]:
     specs = []
     for r in codes.to_dict("records"):
         number, expression = text_cell(r["subject"]), text_cell(r["expression"])
-        code = subject_code.get(number, number)
-        vcode = video_code.get(expression.rsplit("_", 1)[0], "").zfill(4)
+        name = expression.rsplit("_", 1)[0]  # disgust1_3 -> disgust1
+        code, vcode = subject_code.get(number, number), video_code.get(name, "")
         subject_dir = tree / f"s{code}"
-        found = sorted(subject_dir.glob(f"{code}_{vcode}*")) if vcode != "0000" else []
-        video = found[0].name if found else f"{code}_{vcode}"
+        found = sorted(subject_dir.glob(f"{code}_{vcode.zfill(4)}*")) if vcode else []
+        video = found[0].name if found else f"{code}_{vcode.zfill(4) if vcode else name}"
+        problem = "" if vcode else f"video name '{name}' is in no naming sheet of {sheet.name}"
         specs.append({
+            "problem": problem,
             "row": r["_row"], "subject": f"s{code}", "video": video,
-            "onset": r["onset"], "apex": r["apex"], "offset": r["offset"],
+            "onset": r["onset"], "apex": _zero_is_none(r["apex"]),
+            "offset": _zero_is_none(r["offset"]),
             "type": interval_type(r["type"]), "frame_dir": subject_dir / video,
             "au": r["au"], "emotion": r["emotion"],
         })

@@ -81,8 +81,8 @@ def find_column(df: pd.DataFrame, variants: list[str], sheet: Path, what: str) -
         if _norm(v) in norm:
             return norm[_norm(v)]
     raise DatabaseError(
-        f"{sheet}: no {what} column (looked for {variants}; found {list(map(str, df.columns))}). "
-        "Rename the column or fix the header row."
+        f"{sheet}: no {what} column (looked for {variants}; found "
+        f"{[str(c) for c in df.columns if c != '_row']}). Rename the column or fix the header row."
     )
 
 
@@ -263,7 +263,7 @@ def collect_samples(
 
     Each spec holds ``row, subject, clip, onset, apex, offset`` (sheet cells or ints),
     ``frame_dir``, ``au`` (the AU cell), ``emotion`` and optionally ``objective``, ``fps`` and
-    ``frame_name`` (the file name pattern, for messages).
+    ``frame_name`` (the file name pattern, for messages), ``problem`` (one the reader found).
     A sample with a problem (bad frame numbers, apex outside the clip, missing or unreadable
     frames, a duplicate (subject, clip, onset), an unknown emotion) goes to ``problems``.
     """
@@ -273,8 +273,8 @@ def collect_samples(
     index, records = index or FrameIndex(), []
     for s in specs:
         row, subject, clip = s["row"], s["subject"], s["clip"]
-        if not subject or not clip:
-            problems.fail(row, subject, clip, "no subject or no clip name in the row")
+        if s.get("problem") or not subject or not clip:
+            problems.fail(row, subject, clip, s.get("problem") or "no subject or no clip name")
             continue
         try:
             onset, apex, offset = (frame_number(s[k]) for k in ("onset", "apex", "offset"))
@@ -344,8 +344,9 @@ def interval_type(value: object) -> str:
 def collect_intervals(specs: Iterable[dict], problems: Problems, fps: float) -> pd.DataFrame:
     """The interval table of a long-video database (``mer.data.samples.INTERVAL_COLUMNS``).
 
-    Each spec holds ``row, subject, video, onset, apex, offset, type, frame_dir, au, emotion``.
-    Checked: frame numbers, onset <= apex <= offset, the type, the video folder.
+    Each spec holds ``row, subject, video, onset, apex, offset, type, frame_dir, au, emotion``
+    and optionally ``problem`` (one the reader found). Checked: frame numbers,
+    onset <= apex <= offset, the type, the video folder.
     """
     from mer.data.aus import parse_au_string
     from mer.data.samples import INTERVAL_COLUMNS
@@ -353,6 +354,9 @@ def collect_intervals(specs: Iterable[dict], problems: Problems, fps: float) -> 
     records = []
     for s in specs:
         row, subject, video = s["row"], s["subject"], s["video"]
+        if s.get("problem"):
+            problems.fail(row, subject, video, s["problem"])
+            continue
         try:
             onset, apex, offset = (frame_number(s[k]) for k in ("onset", "apex", "offset"))
         except DatabaseError as e:

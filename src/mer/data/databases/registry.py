@@ -27,6 +27,7 @@ where the database has none, e.g. SMIC) and ``[{"database", "subject", "clip", "
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +43,8 @@ from mer.data.databases.mmew import read_mmew
 from mer.data.databases.samm import read_samm
 from mer.data.databases.samm_lv import read_samm_lv, read_samm_lv_intervals
 from mer.data.databases.smic import read_smic
+
+log = logging.getLogger(__name__)
 
 
 def _casme2(root, sheet=None, **options):
@@ -74,7 +77,12 @@ def read_database(
     if name not in DATABASES:
         raise DatabaseError(f"unknown database '{name}': use one of {sorted(DATABASES)}")
     options.setdefault("database", name)
-    return DATABASES[name](Path(root), sheet, on_error=on_error, **options)
+    table, excluded = DATABASES[name](Path(root), sheet, on_error=on_error, **options)
+    unknown = [f"row {row}: {', '.join(map(repr, toks))}"
+               for row, toks in zip(table["row"], table["au_unknown"]) if toks]
+    if unknown:  # kept in au_raw / au_unknown; said here so that nobody is surprised
+        log.warning("%s: AU tokens that are not AUs: %s", name, "; ".join(unknown))
+    return table, excluded
 
 
 def read_intervals(
