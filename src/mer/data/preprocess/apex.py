@@ -1,8 +1,10 @@
 """Apex estimation for databases without an apex annotation (SMIC): the frame of largest
 motion relative to onset.
 
-Each candidate frame's flow from onset (DIS, fast and good at small motion) is measured by its
-mean magnitude over the frame (or a mask); the apex is the candidate with the largest value.
+Each candidate frame's flow from onset (DIS, fast and good at small motion) is reduced to its
+local part: the best affine fit of the flow (head translation, rotation, zoom) is subtracted.
+Its score is the mean of the largest 5% residual magnitudes (a micro-expression moves a small
+part of the face); the apex is the candidate with the largest score.
 """
 
 from __future__ import annotations
@@ -31,18 +33,32 @@ def frame_path(onset_path: str | Path, onset: int, k: int) -> Path:
     return p.with_name(p.stem[:m.start()] + number + p.stem[m.end():] + p.suffix)
 
 
+def local_motion(flow: np.ndarray, mask: np.ndarray | None = None, top: float = 0.05) -> float:
+    """Mean of the largest ``top`` fraction of residual magnitudes after an affine fit.
+
+    flow: (H, W, 2) flow; mask: optional (H, W) bool of the pixels that count.
+    """
+    h, w = flow.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    keep = np.ones((h, w), bool) if mask is None else np.asarray(mask, bool)
+    basis = np.stack([xx[keep], yy[keep], np.ones(int(keep.sum()))], axis=1).astype(np.float64)
+    f = flow[keep].astype(np.float64)
+    coef, *_ = np.linalg.lstsq(basis, f, rcond=None)
+    mag = np.linalg.norm(f - basis @ coef, axis=1)
+    k = max(1, int(round(top * mag.size)))
+    return float(np.partition(mag, mag.size - k)[-k:].mean())
+
+
 def motion_curve(frames: list[np.ndarray], mask: np.ndarray | None = None,
                  method: str = "dis") -> np.ndarray:
-    """(T,) mean flow magnitude from ``frames[0]`` to each frame (0 for the first).
+    """(T,) local motion score (:func:`local_motion`) from ``frames[0]`` to each frame.
 
     frames: T (H, W) uint8 grey frames; mask: optional (H, W) bool of the pixels that count.
+    The first entry is 0.
     """
-    onset = frames[0]
     curve = np.zeros(len(frames), np.float64)
     for i in range(1, len(frames)):
-        flow = compute_flow(onset, frames[i], method)
-        mag = np.hypot(flow[..., 0], flow[..., 1])
-        curve[i] = float(mag[mask].mean() if mask is not None else mag.mean())
+        curve[i] = local_motion(compute_flow(frames[0], frames[i], method), mask)
     return curve
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -84,6 +85,22 @@ def mesh_to_ibug68(mesh: np.ndarray) -> np.ndarray:
     return out
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence stderr, Python's and the C++ file descriptor 2, inside the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class MediaPipeDetector:
     """MediaPipe Face Mesh on a single image, mapped to iBUG-68 landmarks.
 
@@ -94,9 +111,8 @@ class MediaPipeDetector:
     """
 
     def __init__(self, min_confidence: float = 0.5, upscale_to: int = 192) -> None:
-        os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ start-up chatter
         try:
-            with contextlib.redirect_stderr(io.StringIO()):  # a harmless protobuf warning
+            with _quiet_stderr():  # start-up chatter of MediaPipe's C++ side
                 from mediapipe.python.solutions import face_mesh
         except ImportError as exc:
             raise ImportError(
@@ -105,9 +121,11 @@ class MediaPipeDetector:
                 "(see README, 'Face detection'); or set data.face.detector=none"
             ) from exc
         self.upscale_to = int(upscale_to)
-        self._mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
-                                        refine_landmarks=False,
-                                        min_detection_confidence=float(min_confidence))
+        self._first = True
+        with _quiet_stderr():
+            self._mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1,
+                                            refine_landmarks=False,
+                                            min_detection_confidence=float(min_confidence))
 
     def __call__(self, image: np.ndarray) -> Face | None:
         """image (H, W) grey or (H, W, 3) BGR uint8 -> Face, or None when no face is found."""
@@ -118,7 +136,12 @@ class MediaPipeDetector:
         if scale > 1.0:
             rgb = cv2.resize(rgb, (round(w * scale), round(h * scale)),
                              interpolation=cv2.INTER_CUBIC)
-        result = self._mesh.process(rgb)
+        if self._first:  # the models load on the first call, with more chatter
+            with _quiet_stderr():
+                result = self._mesh.process(rgb)
+            self._first = False
+        else:
+            result = self._mesh.process(rgb)
         if not result.multi_face_landmarks:
             return None
         pts = result.multi_face_landmarks[0].landmark
