@@ -121,11 +121,14 @@ def test_frame_path_keeps_names_and_padding():
         frame_path("/d/img46.jpg", 7, 8)
 
 
-def test_apex_is_the_frame_of_largest_motion():
+def test_apex_is_the_frame_of_largest_local_motion():
     base = _texture(64, 64)
-    shifts = [0, 0.5, 1.2, 2.0, 1.4, 0.6]
-    frames = [cv2.warpAffine(base, np.float32([[1, 0, s], [0, 1, 0]]), (64, 64),
-                             borderMode=cv2.BORDER_REFLECT) for s in shifts]
+    yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
+    bump = np.exp(-((xx - 40) ** 2 + (yy - 24) ** 2) / (2 * 6.0**2))  # a local movement
+    amps = [0, 0.5, 1.2, 2.0, 1.4, 0.6]
+    head = [0, 0.8, 1.6, 2.4, 3.2, 4.0]  # a growing global shift that must not count
+    frames = [cv2.remap(base, xx - a * bump - h, yy, cv2.INTER_CUBIC,
+                        borderMode=cv2.BORDER_REFLECT) for a, h in zip(amps, head)]
     curve = motion_curve(frames)
     assert curve[0] == 0 and np.argmax(curve) == 3
     assert estimate_apex(frames, [10, 11, 12, 13, 14, 15]) == 13
