@@ -65,8 +65,10 @@ def read_table(
             f"{path}: no header row naming {list(keys)} in its first {max_header_row} rows. "
             "Check that this is the annotation sheet, or rename the header cells."
         )
-    columns = [f"Unnamed: {j}" if _is_blank(c) else str(c).strip()
-               for j, c in enumerate(raw.iloc[h])]
+    columns: list[str] = []
+    for j, c in enumerate(raw.iloc[h]):
+        name = f"Unnamed: {j}" if _is_blank(c) else str(c).strip()
+        columns.append(name if name not in columns else f"{name}.{j}")  # names stay unique
     table = raw.iloc[h + 1:].copy()
     table.columns = columns
     table["_row"] = table.index + 1  # pandas index 0 is sheet row 1
@@ -76,10 +78,9 @@ def read_table(
 
 def find_column(df: pd.DataFrame, variants: list[str], sheet: Path, what: str) -> str:
     """The first column of ``df`` matching one of ``variants`` (case and space insensitive)."""
-    norm = {_norm(c): c for c in reversed(list(df.columns))}
-    for v in variants:
-        if _norm(v) in norm:
-            return norm[_norm(v)]
+    found = optional_column(df, variants)
+    if found is not None:
+        return found
     raise DatabaseError(
         f"{sheet}: no {what} column (looked for {variants}; found "
         f"{[str(c) for c in df.columns if c != '_row']}). Rename the column or fix the header row."
@@ -88,10 +89,8 @@ def find_column(df: pd.DataFrame, variants: list[str], sheet: Path, what: str) -
 
 def optional_column(df: pd.DataFrame, variants: list[str]) -> str | None:
     """Like :func:`find_column`, but None when the sheet has no such column."""
-    try:
-        return find_column(df, variants, Path(), "")
-    except DatabaseError:
-        return None
+    norm = {_norm(c): c for c in reversed(list(df.columns))}
+    return next((norm[_norm(v)] for v in variants if _norm(v) in norm), None)
 
 
 def _is_blank(value: object) -> bool:
