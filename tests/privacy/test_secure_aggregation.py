@@ -142,3 +142,20 @@ def test_secagg_refusals():
 def test_fixed_point_round_trip(bits):
     x = np.array([-3.25, 0.0, 1e-3, 1234.5])
     assert np.allclose(decode_fixed(encode_fixed(x, 16, bits), 16, bits), x, atol=2**-16)
+
+
+def test_every_privacy_config_builds():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from mer.privacy import from_config
+    from mer.privacy.dp import CentralDPConfig, DPConfig
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "privacy"
+    built = {p.stem: from_config(OmegaConf.load(p)) for p in sorted(conf.glob("*.yaml"))}
+    assert built["none"] is None
+    assert isinstance(built["ckks"], CKKSAggregation)
+    assert built["ckks"].params.poly_modulus_degree == 8192
+    assert isinstance(built["secagg"], MaskedAggregation)
+    assert isinstance(built["dp"], DPConfig) and isinstance(built["central_dp"], CentralDPConfig)
