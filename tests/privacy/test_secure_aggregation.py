@@ -159,3 +159,12 @@ def test_every_privacy_config_builds():
     assert built["ckks"].params.poly_modulus_degree == 8192
     assert isinstance(built["secagg"], MaskedAggregation)
     assert isinstance(built["dp"], DPConfig) and isinstance(built["central_dp"], CentralDPConfig)
+
+
+def test_ckks_refuses_values_beyond_its_range():
+    ids, results = clients(k=3, seed=7)
+    agg = CKKSAggregation(CKKSParams(coeff_mod_bit_sizes=[60, 60], scale_bits=40))
+    agg.begin_round(0, ids, results[0][0])
+    big = [a * 1e4 if a.dtype.kind == "f" else a for a in results[0][0]]
+    with pytest.raises(OverflowError, match="data prime"):
+        agg.client_payload("lab0", big, 100)

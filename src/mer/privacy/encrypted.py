@@ -10,13 +10,15 @@ values; see :mod:`mer.privacy.base`) in big flat chunks, one CKKS vector filling
 ciphertext (``poly_modulus_degree / 2`` slots) each, serialises them and sends the bytes.
 The server loads them under its public context, adds them and sends the sum back; a key
 holder decrypts it to ``(sum n_k w_k, N)`` and divides. Only additions are done, so no
-rescaling level is needed: ``coeff_mod_bit_sizes = [60, 40, 60]`` (the last prime is the
-special key-switching one) leaves a 100-bit ciphertext modulus; N = 8192 keeps 128-bit
-security up to 218 bits.
+rescaling level is needed: ``coeff_mod_bit_sizes = [60, 60]`` (one 60-bit data prime; the
+last is the special key-switching prime) gives the smallest, fastest ciphertexts (8x the
+float32 bytes; N = 8192 keeps 128-bit security up to 218 bits).
 
-Precision: CKKS is approximate; with a scale of 2^40 the mean differs from plaintext FedAvg
-by about 1e-9 (``tests/privacy/test_secure_aggregation.py``, ``scripts/bench_privacy.py``).
-Values must stay below 2^(100 - 40 - 1) in magnitude, far above any ``n_k * w_k``.
+Precision and range: CKKS is approximate; with a scale of 2^40 the mean differs from
+plaintext FedAvg by about 1e-7 (``scripts/bench_privacy.py``). Sums must stay below
+``2^(data bits - scale_bits - 1)`` = 2^19 in magnitude: each client checks
+``K * max |n_k w_k|`` against it and refuses with a clear error (then add a data prime, e.g.
+``[60, 40, 60]``, at twice the bytes, or lower ``scale_bits``).
 
 What is revealed: nothing about an individual update to the server; the aggregate to every
 key holder (the clients), and to the server if it is sent back for a server optimiser step.
@@ -54,8 +56,9 @@ class CKKSParams:
 
     Attributes:
         poly_modulus_degree: ring dimension N; N / 2 slots per ciphertext.
-        coeff_mod_bit_sizes: bit sizes of the coefficient modulus primes (first and last
-            special; the middle ones must match ``scale_bits``).
+        coeff_mod_bit_sizes: bit sizes of the coefficient modulus primes; all but the last
+            (the special prime) hold data, and bound the values: |sum| < 2^(data bits -
+            scale_bits - 1).
         scale_bits: log2 of the encoding scale (precision ~ 2^-scale_bits relative).
         chunk_size: values per CKKS vector; the default N / 2 fills one ciphertext each (0:
             the whole model in one vector, which TenSEAL splits into ciphertexts itself, at
@@ -66,7 +69,7 @@ class CKKSParams:
     """
 
     poly_modulus_degree: int = 8192
-    coeff_mod_bit_sizes: list[int] = field(default_factory=lambda: [60, 40, 60])
+    coeff_mod_bit_sizes: list[int] = field(default_factory=lambda: [60, 60])
     scale_bits: int = 40
     chunk_size: int = 4096
     symmetric: bool = True
@@ -141,7 +144,17 @@ class CKKSAggregation(SecureAggregation):
     def client_payload(self, client_id: str, weights: Weights, n: int) -> bytes:
         self._require_client(client_id)
         self.layout.check(weights, f"ckks: client {client_id!r}")
-        return encrypt(self.client_context, weighted_vector(weights, n), self.params.chunk_size)
+        x = weighted_vector(weights, n)
+        data_bits = sum(self.params.coeff_mod_bit_sizes[:-1])
+        bound = 2.0 ** (data_bits - self.params.scale_bits - 1) / len(self.round_clients)
+        if np.abs(x).max() >= bound:
+            raise OverflowError(
+                f"ckks: client {client_id!r}: |n * w| reaches {np.abs(x).max():.3g}, beyond "
+                f"the range {bound:.3g} of coeff_mod_bit_sizes="
+                f"{list(self.params.coeff_mod_bit_sizes)}, scale_bits={self.params.scale_bits}"
+                f" with {len(self.round_clients)} clients; add a data prime (e.g. [60, 40, "
+                "60]) or lower privacy.scale_bits")
+        return encrypt(self.client_context, x, self.params.chunk_size)
 
     def server_sum(self, payloads: Mapping[str, bytes]) -> bytes:
         return add_encrypted(self.server_context, list(payloads.values()))
