@@ -26,7 +26,7 @@ server. A dropped client's vector arriving *after* the recovery would be readabl
 server, so the server must close the round before asking for seeds; Bonawitz et al. add a
 self mask and t-of-n Shamir shares of the keys to guard against that and against a server
 lying about who dropped. Precision: quantisation error ``2^-(frac_bits + 1)`` per value and
-client (6e-8 at 23 bits), before dividing by N.
+client (3e-8 at the default 24 bits), before dividing by N.
 """
 
 from __future__ import annotations
