@@ -3,8 +3,12 @@
 Finds every ``results.json`` under the given folders (a Hydra multirun/sweep folder, SLURM
 array outputs, single runs). Runs that differ only in ``protocol.fold_index`` (one LOSO fold
 per job) are pooled into one result, scored once on their pooled predictions, and checked:
-every fold present exactly once. Writes ``summary.csv`` and ``summary.md`` (to ``--out``,
-default the first folder) and prints the table.
+every fold present exactly once. Federated runs give one row each: rule, clients, the final
+pooled global and personalised UF1/UAR, and the pooled/local baselines of the same run (with
+``protocol.repeats`` > 1, the mean over seeds and its standard deviation).
+
+Writes ``summary.csv`` and ``summary.md`` (to ``--out``, default the first folder) and prints
+the table.
 """
 
 from __future__ import annotations
@@ -38,16 +42,47 @@ def _overrides(run_dir: Path) -> str:
     return " ".join(ln for ln in lines if not ln.startswith("protocol.fold_index"))
 
 
+def _federated_row(run_dir: Path, results: dict) -> dict:
+    fed, cfg = results["federated"], results["config"]
+    row = {"name": results["name"], "overrides": _overrides(run_dir),
+           "model": cfg["model"]["name"], "data": cfg["data"]["name"],
+           "synthetic": results["synthetic"], "federated": cfg["federated"]["name"],
+           "rule": cfg["federated"]["rule"]["name"], "clients": len(fed["clients"]),
+           "protocol": fed["protocol"]["kind"], "rounds": cfg["federated"]["rounds"]}
+    summary = (fed.get("repeats") or {}).get("summary")
+    base = fed.get("baselines") or {}
+    kinds = {"global": fed["final"].get("pooled_global"),
+             "personalised": fed["final"].get("pooled_personalised"),
+             "pooled": base.get("pooled_pooled"), "local": base.get("pooled_local")}
+    for kind, m in kinds.items():
+        if m is None:
+            continue
+        if summary:  # mean ± std over seeds
+            s = summary[kind if kind in ("global", "personalised") else f"baseline_{kind}"]
+            row[f"{kind}_uf1"] = round(s["uf1"]["mean"], 4)
+            row[f"{kind}_uf1_std"] = round(s["uf1"]["std"], 4)
+            row[f"{kind}_uar"] = round(s["uar"]["mean"], 4)
+        else:
+            row[f"{kind}_uf1"], row[f"{kind}_uar"] = round(m["uf1"], 4), round(m["uar"], 4)
+    row["n"] = fed["final"]["pooled_global"]["n"]
+    row["seconds"] = round(results["timings"]["federated_s"], 1)
+    return row
+
+
 def collect(paths: list[Path]) -> pd.DataFrame:
-    """One row per distinct experiment: pooled UF1/UAR/accuracy, folds, completeness."""
+    """One row per distinct experiment: pooled UF1/UAR/accuracy, folds, completeness; one
+    row per federated run."""
     groups: dict[str, list[tuple[Path, dict]]] = {}
+    rows = []
     for root in paths:
         for path in sorted(Path(root).rglob("results.json")):
             results = json.loads(path.read_text())
-            groups.setdefault(_group_key(results), []).append((path.parent, results))
-    if not groups:
+            if "federated" in results:
+                rows.append(_federated_row(path.parent, results))
+            else:
+                groups.setdefault(_group_key(results), []).append((path.parent, results))
+    if not groups and not rows:
         raise CollectError(f"no results.json under {', '.join(map(str, paths))}")
-    rows = []
     for runs in groups.values():
         first_dir, first = runs[0]
         classes = first["data"]["class_names"]

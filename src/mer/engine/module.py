@@ -44,6 +44,12 @@ class MERModule(L.LightningModule):
         gradient of each named parameter of the net before every optimiser step."""
         self._grad_correction = dict(correction or {})
 
+    def on_fit_start(self) -> None:
+        # A converged model's tiny gradients and activations go subnormal, and subnormal float
+        # math on x86 CPUs is 20x+ slower: DPK-GAT's epochs slowed from 0.2 s to 5 s after
+        # ~60 epochs. Flushing them to zero changes nothing measurable in the results.
+        torch.set_flush_denormal(True)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._grad_correction:
             return

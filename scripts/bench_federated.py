@@ -1,0 +1,103 @@
+"""Benchmark: the federated loop against centralised training of the same model for the same
+total sample-steps, side by side in one run.
+
+Federated: R rounds, every client trains E local epochs on its own split (a fresh Lightning
+Trainer per client per round), the server aggregates. Centralised: one Trainer trains the
+same initial model for R * E epochs on the union of the clients' training splits, so both
+sides pass over the same number of (sample, epoch) pairs. Reported: wall time of each side and
+the federated overhead (target at most 10%), server time per round (checks, aggregation,
+server optimiser, personalisation), bytes each client sends per round (= bytes it receives),
+and both sides' test figures on the clients' test splits (SYNTHETIC data).
+
+    python scripts/bench_federated.py                      # FED-PsyAU: DPK-GAT, P-FedProx
+    python scripts/bench_federated.py --model ststnet --rounds 20 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+
+from mer.data.sources import load_samples
+from mer.federated.loop import FederatedRun, make_clients
+from mer.federated.partition import ClientData
+from mer.run import CONFIG_DIR
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", default="fed_psyau")
+    parser.add_argument("--model", default=None, help="model config (default: the experiment's)")
+    parser.add_argument("--federated", default=None, help="federated config (rule)")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--local-epochs", type=int, default=2)
+    parser.add_argument("--preset", default="default", help="SynME preset: default | tiny")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    overrides = [f"+experiment={args.experiment}", f"data.preset={args.preset}",
+                 f"federated.rounds={args.rounds}", f"federated.local_epochs={args.local_epochs}",
+                 "federated.baselines=false", "progress=false"]
+    if args.model:
+        overrides.append(f"model={args.model}")
+    if args.federated:
+        overrides.append(f"federated={args.federated}")
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    for name in ("lightning", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    samples = load_samples(cfg.data, os.path.expanduser(cfg.paths.cache_dir))
+    clients = make_clients(cfg, samples)
+    run = FederatedRun(cfg, samples, clients)
+
+    t0 = time.perf_counter()
+    stats = [run.round(rnd) for rnd in range(1, args.rounds + 1)]
+    t_fed = time.perf_counter() - t0
+    fed_eval = run.evaluate()
+
+    epochs = args.rounds * args.local_epochs
+    pooled = ClientData("pooled", np.concatenate([c.train_idx for c in clients]),
+                        np.array([], dtype=np.int64))
+    t0 = time.perf_counter()
+    central, _ = run.fit(run.initial_weights, pooled, epochs, run.seed + 1)
+    t_central = time.perf_counter() - t0
+    central_eval = run.evaluate({"central": lambda c: central})
+
+    figures = {
+        "synthetic": samples.synthetic, "model": cfg.model.name, "rule": cfg.federated.name,
+        "clients": len(clients), "rounds": args.rounds, "local_epochs": args.local_epochs,
+        "sample_epochs": int(epochs * len(pooled.train_idx)),
+        "federated_s": round(t_fed, 2), "centralised_s": round(t_central, 2),
+        "overhead": round(t_fed / t_central - 1.0, 4),
+        "client_s_per_round": round(float(np.mean([s["client_s"] for s in stats])), 3),
+        "server_s_per_round": round(float(np.mean([s["server_s"] for s in stats])), 4),
+        "bytes_per_client_per_round": stats[-1]["bytes_per_client"],
+        "federated_uf1": round(fed_eval["pooled_global"]["uf1"], 4),
+        "federated_personalised_uf1": round(fed_eval["pooled_personalised"]["uf1"], 4),
+        "centralised_uf1": round(central_eval["pooled_central"]["uf1"], 4),
+        "load_average": os.getloadavg(),
+    }
+    print(f"{'(SYNTHETIC data) ' if samples.synthetic else ''}{cfg.model.name}, "
+          f"{cfg.federated.name}, {len(clients)} clients, {args.rounds} rounds x "
+          f"{args.local_epochs} local epochs = {figures['sample_epochs']} sample-epochs")
+    print(f"  federated   {t_fed:8.2f} s   UF1 {figures['federated_uf1']:.4f} (global), "
+          f"{figures['federated_personalised_uf1']:.4f} (personalised)")
+    print(f"  centralised {t_central:8.2f} s   UF1 {figures['centralised_uf1']:.4f}")
+    print(f"  overhead {100 * figures['overhead']:+.1f}% (target <= +10%); server "
+          f"{1000 * figures['server_s_per_round']:.1f} ms/round; "
+          f"{figures['bytes_per_client_per_round'] / 1024:.0f} kB per client per round each way")
+    print(f"  load average {figures['load_average']}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
