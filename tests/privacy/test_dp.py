@@ -85,9 +85,13 @@ def test_epsilon_grows_with_rounds_and_equals_opacus_analysis():
     assert not hasattr(next(module.net.parameters()), "grad_sample")  # hooks cleaned up
 
 
-def test_per_sample_clipping_matches_a_direct_computation():
+@pytest.mark.parametrize("per_sample", ["hooks", "loop"])
+def test_per_sample_clipping_matches_a_direct_computation(per_sample, monkeypatch):
     """Noise 0, q = 1 (every sample in every batch), one SGD step: the update must be
-    -lr * mean_i clip_C(g_i) with each per-sample gradient g_i clipped on its own."""
+    -lr * mean_i clip_C(g_i) with each per-sample gradient g_i clipped on its own; with
+    Opacus' hooks and with the per-sample backward loop (used where hooks cannot go)."""
+    if per_sample == "loop":
+        monkeypatch.setattr("mer.privacy.dp.hooks_supported", lambda net: False)
     samples = flow_samples(n=12, seed=1)
     module = fix_module(ststnet_module(optimizer="sgd", lr=1.0, dropout=0.0))
     net = module.net
@@ -135,12 +139,29 @@ def test_batch_norm_is_refused_then_converted():
     make_private(module, dm, dp, ClientPrivacy("lab0", dp))
 
 
-def test_dpk_gat_is_refused_with_a_clear_error():
-    net = create_model("dpk_gat", num_classes=3, in_channels=3)
-    module = fix_module(MERModule(net, 3))
-    dm = SplitDataModule(flow_samples(n=8), np.arange(8), np.arange(2), batch_size=4)
-    with pytest.raises(DPUnsupportedModel, match="per-sample gradients of DPKGAT"):
-        make_private(module, dm, DPConfig(), ClientPrivacy("lab0", DPConfig()))
+def test_dpk_gat_trains_under_dp_sgd_with_per_sample_backward_passes():
+    """Opacus' hooks cannot take DPK-GAT (graph layers batch over nodes), so its per-sample
+    gradients come from one backward pass each; the accountant counts the steps."""
+    from mer.engine.build import build_module
+    from mer.privacy.dp import hooks_supported
+
+    samples = flow_samples(n=8)
+    samples.meta["aus"] = [(4,), (12,), (1, 2), (), (6, 12), (4, 7), (12,), (2,)]
+    model = {"name": "dpk_gat", "lr": 1e-3, "weight_decay": 0.0, "optimizer": "adam",
+             "kwargs": {}, "loss": {"w_emotion": 0.2, "w_au": 0.8},
+             "prior": {"schedule": "fixed", "ratio": 0.3}}
+    module = fix_module(build_module(model, samples, np.arange(8)))
+    assert not hooks_supported(module.net)
+    before = [p.detach().clone() for p in module.net.parameters()]
+    dp = DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5)
+    privacy = ClientPrivacy("lab0", dp)
+    dm = SplitDataModule(samples, np.arange(8), np.arange(2), batch_size=4, with_aus=True)
+    module, dp_dm = make_private(module, dm, dp, privacy, seed=1)
+    fit(module, dp_dm, max_epochs=1)
+    assert privacy.steps == 2 and privacy.epsilon() > 0
+    after = list(module.net.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
 def test_noise_for_a_target_epsilon_spends_it():

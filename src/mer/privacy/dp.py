@@ -22,8 +22,9 @@ Models: batch norm mixes samples in a batch, so per-sample gradients do not exis
 :func:`fix_module` converts it with ``opacus.validators.ModuleValidator.fix`` (BatchNorm ->
 GroupNorm; this changes the state-dict layout, so the server's model must be fixed alike)
 and turns in-place activations off (Opacus' backward hooks cannot see through them). Models
-Opacus cannot handle after that (e.g. DPK-GAT: modules with both parameters and buffers)
-are refused by :func:`make_private` with :class:`DPUnsupportedModel`.
+whose layers Opacus' hooks cannot take (DPK-GAT: its graph layers batch over AU nodes, not
+samples) get their per-sample gradients from one backward pass per sample instead; Opacus'
+DPOptimizer and accountant do the rest either way.
 
 FedProx under DP-SGD: the proximal term ``mu/2 ||w - w_global||^2`` involves no data, so its
 gradient is added *after* clipping and noise (post-processing: no privacy cost).
@@ -142,17 +143,6 @@ def _check_supported(net: torch.nn.Module) -> None:
                                  "Opacus' hooks; use mer.privacy.dp.fix_module(module)")
 
 
-def _probe_grad_samples(net: torch.nn.Module) -> None:
-    """Refuse early (not mid-fit) a network Opacus' per-sample hooks cannot take."""
-    try:
-        GradSampleHooks(net).cleanup()
-    except NotImplementedError as e:
-        raise DPUnsupportedModel(
-            f"Opacus cannot compute per-sample gradients of {type(net).__name__}: "
-            f"{str(e).splitlines()[0][:300]}. Train it without DP-SGD (privacy=central_dp "
-            "protects clients at the server) or with a model such as ststnet") from e
-
-
 def sample_rate_for(dp: DPConfig, n_train: int, batch_size: int) -> float:
     """Poisson rate q: ``dp.sample_rate`` or ``1 / round(n_train / batch_size)``."""
     if dp.sample_rate:
@@ -188,24 +178,37 @@ class DPDataModule(L.LightningDataModule):
         return self.inner.predict_dataloader()
 
 
+def hooks_supported(net: torch.nn.Module) -> bool:
+    """Whether Opacus' per-layer hooks can give per-sample gradients of ``net`` (DPK-GAT's
+    graph layers see nodes, not samples, as their batch: no)."""
+    try:
+        GradSampleHooks(net).cleanup()
+    except NotImplementedError:
+        return False
+    return True
+
+
 def make_private(module: MERModule, datamodule, dp: DPConfig, privacy: ClientPrivacy,
                  seed: int = 0) -> tuple[MERModule, DPDataModule]:
     """Make a module's next ``Trainer.fit`` DP-SGD; returns ``(module, dp_datamodule)``.
 
     In place: ``configure_optimizers`` wraps the module's optimiser in Opacus' DPOptimizer
-    (clip to ``dp.max_grad_norm``, noise ``privacy.noise_multiplier``), attaches per-sample
-    gradient hooks to ``module.net`` (no wrapper: the state dict keeps its keys) and
-    ``privacy``'s accountant; the hooks are removed at the end of the fit. Fit with the
-    returned datamodule (Poisson batches at :func:`sample_rate_for`).
+    (clip to ``dp.max_grad_norm``, noise ``privacy.noise_multiplier``) with ``privacy``'s
+    accountant. Per-sample gradients come from Opacus' hooks on ``module.net`` (no wrapper:
+    the state dict keeps its keys; removed at the end of the fit) when Opacus supports every
+    layer; otherwise (e.g. DPK-GAT, whose graph layers batch over nodes) from one backward
+    pass per sample (exact, slower; manual optimisation). Fit with the returned datamodule
+    (Poisson batches at :func:`sample_rate_for`).
 
     Raises:
         DPUnsupportedModel: the network has batch norm / in-place modules (run
-            :func:`fix_module` first) or layers Opacus cannot take per-sample gradients of.
+            :func:`fix_module` first).
     """
     _check_supported(module.net)
-    _probe_grad_samples(module.net)
-    dm = DPDataModule(datamodule, sample_rate_for(dp, len(datamodule.train_idx),
-                                                  datamodule.batch_size), seed)
+    q = sample_rate_for(dp, len(datamodule.train_idx), datamodule.batch_size)
+    dm = DPDataModule(datamodule, q, seed)
+    if not hooks_supported(module.net):
+        return _make_private_per_sample_loop(module, dm, dp, privacy, seed), dm
     base_configure = module.configure_optimizers
     base_training_step = module.training_step
 
@@ -239,6 +242,54 @@ def make_private(module: MERModule, datamodule, dp: DPConfig, privacy: ClientPri
     module.training_step = types.MethodType(training_step, module)
     module.on_fit_end = types.MethodType(on_fit_end, module)
     return module, dm
+
+
+def _make_private_per_sample_loop(module: MERModule, dm: DPDataModule, dp: DPConfig,
+                                  privacy: ClientPrivacy, seed: int) -> MERModule:
+    """DP-SGD with per-sample gradients from one backward pass per sample.
+
+    Each step sets ``p.grad_sample`` (B, *p.shape) from B single-sample losses, then Opacus'
+    DPOptimizer clips, sums, adds noise, divides by the expected batch size and steps the
+    client's accountant, exactly as with hooks.
+    """
+    from opacus.optimizers import DPOptimizer
+
+    base_configure = module.configure_optimizers
+    expected = max(1, round(dm.sample_rate * len(dm.train_set)))
+    module.automatic_optimization = False
+
+    def configure_optimizers(self):
+        noise_gen = None if dp.secure_mode else torch.Generator().manual_seed(seed + 1)
+        dp_opt = DPOptimizer(base_configure(), noise_multiplier=privacy.noise_multiplier,
+                             max_grad_norm=dp.max_grad_norm, expected_batch_size=expected,
+                             generator=noise_gen, secure_mode=dp.secure_mode)
+        dp_opt.attach_step_hook(privacy.accountant.get_optimizer_hook_fn(dm.sample_rate))
+        if self.proximal_mu:
+            _add_proximal_after_noise(dp_opt, self)
+        return dp_opt
+
+    def training_step(self, batch, batch_idx):
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        n = len(batch[1])
+        per_sample: list[list[torch.Tensor]] = [[] for _ in params]
+        total = torch.zeros(())
+        for i in range(n):
+            loss, _ = self.compute_loss(tuple(t[i:i + 1] for t in batch))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for k, (p, g) in enumerate(zip(params, grads)):
+                per_sample[k].append(torch.zeros_like(p) if g is None else g)
+            total = total + loss.detach()
+        for p, grads in zip(params, per_sample):  # an empty Poisson batch: one zero sample
+            p.grad_sample = torch.stack(grads) if grads else torch.zeros((1, *p.shape))
+        optimizer = self.optimizers()
+        optimizer.step()
+        optimizer.zero_grad()
+        self.log("train_loss", total / max(n, 1), on_step=False, on_epoch=True,
+                 batch_size=max(n, 1))
+
+    module.configure_optimizers = types.MethodType(configure_optimizers, module)
+    module.training_step = types.MethodType(training_step, module)
+    return module
 
 
 def _add_proximal_after_noise(dp_opt, module: MERModule) -> None:
