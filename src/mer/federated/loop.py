@@ -23,6 +23,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,11 +46,16 @@ from mer.federated.partition import (
     subject_clients,
 )
 from mer.federated.server_opt import FedAdagrad, FedAdam, FedYogi, ServerOptimizer, ServerSGD
+from mer.privacy import from_config as privacy_from_config
+from mer.privacy.base import SecureAggregation, personalise_from_sum
 
 log = logging.getLogger(__name__)
 Weights = list[np.ndarray]
 MEAN_RULES = ("fedavg", "fedprox", "fedbn", "scaffold")
 ROBUST_RULES = ("median", "trimmed_mean", "krum")
+# Under secure aggregation the server sees only the sum; central DP replaces the mean by a
+# clipped, noised one: rules that need individual updates cannot run there.
+PRIVATE_RULES = ("fedavg", "fedprox", "fedbn")
 
 
 def get_weights(module: MERModule) -> Weights:
@@ -127,10 +133,11 @@ class FederatedRun:
         self.model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         self.seed = int(cfg.seed)
         self.faults = FaultPlan(self.fed.get("faults"), self.seed, [c.name for c in clients])
+        self._setup_privacy(cfg.get("privacy"))
         # The server sums the clients' AU co-occurrence counts: the prior of all training splits.
         train_all = np.concatenate([c.train_idx for c in clients])
         L.seed_everything(self.seed, verbose=False)
-        template = build_module(self.model_cfg, samples, train_all)
+        template = self._fixed(build_module(self.model_cfg, samples, train_all))
         self.global_weights = get_weights(template)
         self.initial_weights = [w.copy() for w in self.global_weights]
         names = list(template.net.state_dict())
@@ -147,10 +154,63 @@ class FederatedRun:
         self.stats: list[dict] = []
         self.checkpoint = Path(checkpoint_dir) / "federated_state.pt" if checkpoint_dir else None
 
+    def _setup_privacy(self, privacy_cfg: DictConfig | None) -> None:
+        """``privacy``: none | ckks | secagg (secure aggregation), dp (DP-SGD at each client,
+        one accountant per client) or central_dp (clip + noise at the server)."""
+        from mer.privacy.dp import (
+            CentralDP,
+            CentralDPConfig,
+            ClientPrivacy,
+            DPConfig,
+            noise_for_budget,
+            sample_rate_for,
+        )
+
+        self.privacy_name = privacy_cfg.name if privacy_cfg else "none"
+        layer = privacy_from_config(privacy_cfg) if privacy_cfg else None
+        self.secure = layer if isinstance(layer, SecureAggregation) else None
+        self.dp = layer if isinstance(layer, DPConfig) else None
+        self.central_dp = CentralDP(layer, len(self.clients), self.seed) \
+            if isinstance(layer, CentralDPConfig) else None
+        if (self.secure or self.central_dp) and self.rule not in PRIVATE_RULES:
+            raise ValueError(
+                f"federated.rule.name={self.rule} cannot run under privacy={self.privacy_name}: "
+                "the server never sees individual updates there (robust rules and SCAFFOLD "
+                f"need them). Use one of {list(PRIVATE_RULES)} (P-FedProx is fedprox).")
+        if self.dp and self.rule == "scaffold":
+            raise ValueError("federated.rule.name=scaffold cannot run under privacy=dp: its "
+                             "gradient correction would bypass DP-SGD's clipping and noise")
+        self.client_privacy = {}
+        if self.dp:
+            batch = int(self.cfg.data.batch_size)
+            for c in self.clients:
+                q = sample_rate_for(self.dp, len(c.train_idx), batch)
+                steps = int(self.fed.rounds) * int(self.fed.local_epochs) * round(1 / q)
+                self.client_privacy[c.name] = ClientPrivacy(c.name, self.dp,
+                                                            noise_for_budget(self.dp, q, steps))
+
+    def _fixed(self, module: MERModule) -> MERModule:
+        """Under DP-SGD every copy of the model has batch norm replaced (Opacus)."""
+        if self.dp:
+            from mer.privacy.dp import fix_module
+
+            fix_module(module)
+        return module
+
+    def epsilons(self) -> dict:
+        """Privacy spent so far: per client (DP-SGD) or for every client (central DP)."""
+        if self.dp:
+            return {"delta": self.dp.delta,
+                    "clients": {n: p.epsilon() for n, p in self.client_privacy.items()}}
+        if self.central_dp:
+            return {"delta": self.central_dp.cfg.delta, "central": self.central_dp.epsilon()}
+        return {}
+
     # -- client side ---------------------------------------------------------------------------
 
     def _module(self, weights: Weights) -> MERModule:
-        module = build_module(self.model_cfg, self.samples, np.array([], dtype=np.int64))
+        module = self._fixed(build_module(self.model_cfg, self.samples,
+                                          np.array([], dtype=np.int64)))
         set_weights(module, weights)
         return module
 
@@ -168,12 +228,13 @@ class FederatedRun:
     def fit(self, start: Weights, train: ClientData, epochs: int, seed: int,
             anchor: list[torch.Tensor] | None = None, work: float = 1.0,
             correction: dict[str, torch.Tensor] | None = None,
-            flip: bool = False) -> tuple[Weights, int]:
+            flip: bool = False, private: bool = False) -> tuple[Weights, int]:
         """Train from ``start`` on ``train.train_idx`` for ``epochs`` with a fresh Trainer.
 
         FedProx term towards ``anchor`` when ``federated.mu`` > 0; SCAFFOLD gradient
         ``correction`` (c - c_i per parameter name); a straggler stops after ``work`` of its
-        optimiser steps. Returns (weights, optimiser steps taken).
+        optimiser steps; ``private``: DP-SGD with the client's accountant (``privacy=dp``).
+        Returns (weights, optimiser steps taken).
         """
         L.seed_everything(seed, verbose=False)
         module = self._module(start)
@@ -190,8 +251,13 @@ class FederatedRun:
             trainer = L.Trainer(logger=False, enable_progress_bar=False,
                                 enable_model_summary=False, enable_checkpointing=False,
                                 limit_val_batches=0, **trainer_kwargs)
-            trainer.fit(module, datamodule=self._datamodule(train, train.test_idx, seed,
-                                                            module, flip))
+            dm = self._datamodule(train, train.test_idx, seed, module, flip)
+            if private and self.dp:
+                from mer.privacy.dp import make_private
+
+                module, dm = make_private(module, dm, self.dp, self.client_privacy[train.name],
+                                          seed)
+            trainer.fit(module, datamodule=dm)
         return get_weights(module), int(trainer.global_step)
 
     def _for_client(self, base: Weights, name: str) -> Weights:
@@ -216,7 +282,8 @@ class FederatedRun:
         work = self.faults.work(rnd, k)
         t0 = time.perf_counter()
         weights, steps = self.fit(start, client, int(self.fed.local_epochs), seed, anchor,
-                                  work, correction, self.faults.flips_labels(client.name))
+                                  work, correction, self.faults.flips_labels(client.name),
+                                  private=True)
         seconds = time.perf_counter() - t0
         state.last = weights
         update = ClientUpdate(client.name, weights, len(client.train_idx), steps, seconds, work)
@@ -304,9 +371,15 @@ class FederatedRun:
             log.warning("round %d: client %s excluded: %s", rnd, name, reason)
             self.excluded.append({"round": rnd, "client": name, "reason": reason})
         kept_updates = [u for u in updates if u.name not in excluded]
+        personal: dict[str, Weights] = {}
         if kept:
-            self.global_weights = self.server_opt.step(self.global_weights,
-                                                       aggregate(self.fed.rule, kept))
+            if self.secure:
+                agg, personal = self._secure_aggregate(rnd, kept_updates)
+            elif self.central_dp:
+                agg = self.central_dp.aggregate(self.global_weights, kept)
+            else:
+                agg = aggregate(self.fed.rule, kept)
+            self.global_weights = self.server_opt.step(self.global_weights, agg)
             if self.rule == "scaffold":
                 deltas = [u.control_delta for u in kept_updates if u.control_delta is not None]
                 if deltas:
@@ -317,15 +390,43 @@ class FederatedRun:
         else:
             log.warning("round %d: no client update to aggregate; global model unchanged", rnd)
         personalise = self.fed.get("personalise")
-        if personalise and kept:
-            mixed = aggregators.pfedprox_personalise(
-                [w for w, _ in kept], [n for _, n in kept], own=float(personalise.own))
-            for u, w in zip(kept_updates, mixed):
-                self.state[u.name].personal = w
+        if personalise and kept and not self.secure:
+            personal = dict(zip([u.name for u in kept_updates],
+                                aggregators.pfedprox_personalise(
+                                    [w for w, _ in kept], [n for _, n in kept],
+                                    own=float(personalise.own))))
+        for name, w in personal.items():
+            self.state[name].personal = w
         return {"round": rnd, "clients": [u.name for u in updates], "excluded": sorted(excluded),
                 **faults, "stragglers": [u.name for u in updates if u.work < 1.0],
                 "client_s": t_clients, "server_s": time.perf_counter() - t0 - t_clients,
-                "bytes_per_client": int(sum(a.nbytes for a in self.global_weights))}
+                "bytes_per_client": int(sum(a.nbytes for a in self.global_weights)),
+                **({"privacy": self.epsilons()} if self.dp or self.central_dp else {})}
+
+    def _secure_aggregate(self, rnd: int, updates: list[ClientUpdate]) -> tuple[Weights, dict]:
+        """FedAvg under secure aggregation: clients protect ``[n_k w_k, n_k]``, the server
+        only adds payloads (:meth:`server_sum`), the key holders recover the mean; under
+        P-FedProx each client computes its own personalised model from the decoded sum.
+        (Each client checked its own update for NaN/inf before sending: ``check_updates``.)"""
+        ids = [u.name for u in updates]
+        self.secure.begin_round(rnd, ids, self.global_weights)
+        payloads = {u.name: self.secure.client_payload(u.name, u.weights, u.num_examples)
+                    for u in updates}  # client side
+        total = self.server_sum(payloads)
+        mean = self.secure.finish(total, ids)
+        personal = {}
+        personalise = self.fed.get("personalise")
+        if personalise:
+            flat_sum, count = self.secure.decode_sum(total, ids)
+            personal = {u.name: personalise_from_sum(u.weights, u.num_examples, flat_sum, count,
+                                                     self.secure.layout,
+                                                     own=float(personalise.own))
+                        for u in updates}
+        return mean, personal
+
+    def server_sum(self, payloads: dict[str, bytes]) -> bytes:
+        """The server's whole part under secure aggregation: add the protected payloads."""
+        return self.secure.server_sum(payloads)
 
     def evaluate(self, models: dict | None = None, with_predictions: bool = False) -> dict:
         """Per-client and pooled test metrics of each model kind.
@@ -384,7 +485,12 @@ class FederatedRun:
                 "server_control": self.server_control,
                 "clients": {n: vars(s) for n, s in self.state.items()},
                 "curves": self.curves, "stats": self.stats, "excluded": self.excluded,
-                "failures": self.failures}
+                "failures": self.failures,
+                "privacy": {"clients": {n: p.accountant.history
+                                        for n, p in self.client_privacy.items()},
+                            "central": (self.central_dp.accountant.history,
+                                        self.central_dp.rng.bit_generator.state)
+                            if self.central_dp else None}}
 
     def load_state_dict(self, state: dict) -> None:
         self.round_done = int(state["round"])
@@ -394,6 +500,12 @@ class FederatedRun:
         self.state = {n: ClientState(**s) for n, s in state["clients"].items()}
         self.curves, self.stats = state["curves"], state["stats"]
         self.excluded, self.failures = state["excluded"], state["failures"]
+        for name, history in state["privacy"]["clients"].items():
+            self.client_privacy[name].accountant.history = history
+        if self.central_dp:
+            history, rng_state = state["privacy"]["central"]
+            self.central_dp.accountant.history = history
+            self.central_dp.rng.bit_generator.state = rng_state
 
     def save(self) -> None:
         """Write the state after a round, atomically (an interruption leaves the last one)."""
@@ -450,16 +562,19 @@ def client_summary(samples: FlowSamples, clients: list[ClientData]) -> dict:
 
 
 def run_federated(cfg: DictConfig, samples: FlowSamples, clients: list[ClientData],
-                  checkpoint_dir: Path | None = None, show_progress: bool = True) -> dict:
+                  checkpoint_dir: Path | None = None, show_progress: bool = True,
+                  make_run: Callable[..., FederatedRun] | None = None) -> dict:
     """All rounds (resumed from ``checkpoint_dir`` with ``resume=true``), then the baselines.
 
     Returns curves, final per-client/pooled metrics, round statistics and fault counts.
+    ``make_run`` builds the run in place of ``FederatedRun`` (same arguments), e.g. the
+    Flower ServerApp's ``FlowerRun``.
     """
     from rich.progress import Progress
 
     for name in ("lightning", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    run = FederatedRun(cfg, samples, clients, checkpoint_dir)
+    run = (make_run or FederatedRun)(cfg, samples, clients, checkpoint_dir)
     resumed_from = run.round_done if cfg.get("resume") and run.try_resume() else 0
     with Progress(disable=not show_progress) as progress:
         run.run_rounds(progress)
@@ -481,5 +596,6 @@ def run_federated(cfg: DictConfig, samples: FlowSamples, clients: list[ClientDat
         "counts": {kind: sum(len(r[kind]) for r in stats)
                    for kind in ("dropped", "failed", "late", "excluded", "stragglers")},
         "server_s_per_round": float(np.mean([r["server_s"] for r in stats])),
+        "privacy": {"name": run.privacy_name, **run.epsilons()},
         "bytes_per_client_per_round": stats[-1]["bytes_per_client"],
     }
