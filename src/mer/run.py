@@ -5,6 +5,8 @@ Examples::
     python -m mer.run +experiment=synme_ststnet
     python -m mer.run +experiment=megc2019_ststnet data.root=/path/to/flowcache
     python -m mer.run -m model=ststnet,offapexnet
+    python -m mer.run +experiment=fed_psyau privacy=ckks
+    python -m mer.run +experiment=privacy_audit
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ def main(cfg: DictConfig) -> float:
     from mer.engine.runner import run_federated_experiment, run_recognition
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("audit"):
+        from mer.privacy.audit import run_audit
+
+        report = run_audit(cfg, run_dir)
+        return report["settings"][0]["uf1"]
     if cfg.get("federated"):
         results = run_federated_experiment(cfg, run_dir)
         return results["federated"]["final"]["pooled_personalised"]["uf1"]

@@ -190,8 +190,10 @@ class FederatedRun:
                                                             noise_for_budget(self.dp, q, steps))
 
     def _fixed(self, module: MERModule) -> MERModule:
-        """Under DP-SGD every copy of the model has batch norm replaced (Opacus)."""
-        if self.dp:
+        """Under DP every copy of the model has batch norm replaced by group norm (Opacus'
+        fix): DP-SGD needs per-sample gradients, and central DP's noise on running
+        variances could make them negative."""
+        if self.dp or self.central_dp:
             from mer.privacy.dp import fix_module
 
             fix_module(module)
