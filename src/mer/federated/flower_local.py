@@ -1,0 +1,205 @@
+"""Run mer's Flower apps on this machine: real Flower processes on 127.0.0.1.
+
+``python -m mer.federated.flower_local`` starts one ``flower-superlink`` and one
+``flower-supernode`` per client (``partition-id=0..N-1``), submits the app with ``flwr run``,
+waits for the run to finish and stops every process it started. ``--simulation`` starts a
+SuperLink in Flower's simulation mode instead (Ray's engine, ``num-supernodes=N``) and no
+SuperNodes. The same commands, run by hand on several machines, are in README ("Running
+across institutions").
+
+Examples::
+
+    python -m mer.federated.flower_local --clients 2 --out-dir outputs/flower
+    python -m mer.federated.flower_local --clients 3 --simulation \\
+        --overrides "federated=fedavg model=ststnet data.preset=tiny federated.num_clients=3"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parents[3]  # the repo root: pyproject.toml's [tool.flwr.app]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalFederation:
+    """A SuperLink and ``clients`` SuperNodes (or a simulation SuperLink) on 127.0.0.1.
+
+    Every process runs in its own session so that :meth:`stop` ends it with its children
+    (SuperExec, ServerApp and ClientApp processes); use it as a context manager.
+    """
+
+    def __init__(self, workdir: Path, clients: int, simulation: bool = False,
+                 node_overrides: list[str] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.clients, self.simulation = int(clients), simulation
+        self.node_overrides = node_overrides or [""] * self.clients
+        self.port = free_port()
+        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # flower-superexec & co
+        self.env = {**os.environ, "PATH": path, "FLWR_HOME": str(self.workdir / "flwr_home"),
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: list[subprocess.Popen] = []
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                cwd=self.workdir, start_new_session=True)
+
+    def start(self) -> LocalFederation:
+        """Start the processes and write the ``flwr`` connection ``mer-local``."""
+        home = self.workdir / "flwr_home"
+        home.mkdir(parents=True, exist_ok=True)
+        options = f"\noptions.num-supernodes = {self.clients}\n" if self.simulation else "\n"
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "mer-local"\n\n[superlink.mer-local]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true{options}')
+        link = [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+                "--port", str(self.port), "--disable-runtime-dependency-installation"]
+        self.superlink = self._spawn("superlink", link + (["--simulation"] if self.simulation
+                                                          else []))
+        self._wait_port(self.port)
+        if not self.simulation:
+            for i in range(self.clients):
+                self.supernodes.append(self._spawn(f"supernode{i}", self.supernode_cmd(i)))
+        return self
+
+    def supernode_cmd(self, i: int) -> list[str]:
+        """The ``flower-supernode`` command line of client ``i``."""
+        config = f"partition-id={i}"
+        if self.node_overrides[i]:
+            config += f" overrides={json.dumps(self.node_overrides[i])}"
+        return [str(BIN / "flower-supernode"), "--insecure",
+                "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+                "--node-config", config]
+
+    def _wait_port(self, port: int, timeout_s: float = 60.0) -> None:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if self.superlink is not None and self.superlink.poll() is not None:
+                raise RuntimeError("flower-superlink exited: "
+                                   + (self.workdir / "superlink.log").read_text()[-2000:])
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            time.sleep(0.3)
+        raise TimeoutError(f"flower-superlink did not listen on 127.0.0.1:{port}")
+
+    def flwr(self, *args: str, timeout_s: float = 120.0) -> str:
+        proc = subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True,
+                              env=self.env, cwd=APP_DIR, timeout=timeout_s)
+        if proc.returncode != 0:
+            raise RuntimeError(f"flwr {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc.stdout
+
+    def submit(self, run_config: dict) -> int:
+        """``flwr run . mer-local -c ...``: the run's id."""
+        pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        out = self.flwr("run", str(APP_DIR), "mer-local", "--run-config", pairs,
+                        "--format", "json")
+        return int(json.loads(out)["run-id"])
+
+    def status(self, run_id: int) -> str:
+        out = json.loads(self.flwr("ls", "mer-local", "--run-id", str(run_id), "--format",
+                                   "json"))
+        return str(out["runs"][0]["status"])
+
+    def wait(self, run_id: int, timeout_s: float = 1800.0) -> str:
+        """Poll until the run is finished; its final status (``finished:completed`` ...)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            status = self.status(run_id)
+            if status.startswith("finished"):
+                return status
+            time.sleep(2.0)
+        raise TimeoutError(f"run {run_id} not finished after {timeout_s:.0f} s")
+
+    def server_log(self, run_id: int) -> str:
+        """The ServerApp's log (``flwr log RUN_ID --show``), also saved as serverapp.log."""
+        try:
+            text = self.flwr("log", str(run_id), "mer-local", "--show")
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            text = f"(no log: {e})"
+        (self.workdir / "serverapp.log").write_text(text)
+        return text
+
+    def kill_supernode(self, i: int) -> None:
+        """Kill client ``i``'s SuperNode and its ClientApp processes at once (SIGKILL)."""
+        _kill(self.supernodes[i], signal.SIGKILL)
+
+    def stop(self) -> None:
+        for proc in self.supernodes + ([self.superlink] if self.superlink else []):
+            _kill(proc, signal.SIGTERM)
+        for proc in self.supernodes + ([self.superlink] if self.superlink else []):
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _kill(proc, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def __enter__(self) -> LocalFederation:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _kill(proc: subprocess.Popen, sig: int) -> None:
+    """Signal ``proc`` and all its descendants (SuperExec, ServerApp, ClientApp processes;
+    some of them detach into sessions of their own)."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for p in [proc, *family]:
+        try:
+            os.kill(p.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=2, help="SuperNodes (one per client)")
+    p.add_argument("--overrides", default="+experiment=fed_psyau data.preset=tiny",
+                   help="Hydra overrides of mer's config (quoted)")
+    p.add_argument("--out-dir", default="outputs/flower", help="results folder")
+    p.add_argument("--workdir", default=None, help="logs and FLWR_HOME (default: out-dir)")
+    p.add_argument("--simulation", action="store_true", help="Flower's simulation engine")
+    p.add_argument("--timeout-s", type=float, default=3600.0, help="whole-run limit")
+    args = p.parse_args(argv)
+    out = Path(args.out_dir).resolve()
+    work = Path(args.workdir).resolve() if args.workdir else out / "flower"
+    work.mkdir(parents=True, exist_ok=True)
+    with LocalFederation(work, args.clients, args.simulation) as fed:
+        run_id = fed.submit({"overrides": args.overrides, "out-dir": str(out)})
+        print(f"run {run_id} submitted to 127.0.0.1:{fed.port}; logs in {work}")
+        status = fed.wait(run_id, args.timeout_s)
+        fed.server_log(run_id)
+    print(f"run {run_id}: {status}; results in {out}")
+    return 0 if status == "finished:completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

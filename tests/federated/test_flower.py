@@ -1,0 +1,244 @@
+"""mer on Flower: the apps' messages against the in-process loop (fast, an in-memory grid),
+then real Flower processes on 127.0.0.1 (slow): equivalence, a killed SuperNode, simulation."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from fedtoys import fed_cfg, toy_samples
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from mer.federated import flower_app  # noqa: E402
+from mer.federated.loop import FederatedRun, make_clients  # noqa: E402
+
+
+class MemoryGrid:
+    """The two Grid calls FlowerRun makes, served by ``client_app`` in this process: one
+    Context (and so one ``context.state``) per node, as a SuperNode keeps them."""
+
+    def __init__(self, nodes: dict[int, flower_app.Node]):
+        self.nodes, self.silent = nodes, set()
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
+                                    run_config={}) for n in nodes}
+        self.sent: list[tuple[str, int]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            self.sent.append((msg.metadata.message_type, node))
+            if self.nodes[node].client.name in self.silent:
+                continue  # a node that never answers (killed, unplugged)
+            TaskIdentity.node_id = node
+            try:
+                replies.append(flower_app.client_app(msg, self.contexts[node]))
+            except Exception as e:  # a SuperNode answers with an error reply
+                replies.append(Message(Error(code=1, reason=repr(e)), reply_to=msg))
+        TaskIdentity.node_id = 0
+        return replies
+
+
+@pytest.fixture
+def memory_flower(monkeypatch):
+    """``(cfg, samples) -> (FlowerRun over a MemoryGrid, the grid)``; nodes 101, 102, ..."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    nodes: dict[int, flower_app.Node] = {}
+    monkeypatch.setattr(flower_app, "node_from_context", lambda ctx: nodes[ctx.node_id])
+
+    def build(cfg, samples):
+        clients = make_clients(cfg, samples)
+        for k, c in enumerate(clients):  # each node: its own FederatedRun of the same config
+            nodes[101 + k] = flower_app.Node(cfg, FederatedRun(cfg, samples, clients), c, k)
+        grid = MemoryGrid(nodes)
+        run = flower_app.FlowerRun(cfg, samples, clients, grid=grid, round_timeout_s=1,
+                                   connect_timeout_s=1)
+        return run, grid
+
+    yield build
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+
+
+def _in_process(cfg, samples):
+    run = FederatedRun(cfg, samples, make_clients(cfg, samples))
+    run.run_rounds()
+    return run
+
+
+RULES = {  # plain FedAvg: the real-process test below
+    "pfedprox": {"rule": {"name": "fedprox"}, "mu": 0.01, "personalise": {"own": 0.9}},
+    "scaffold": {"rule": {"name": "scaffold"}},
+    "fedbn": {"rule": {"name": "fedbn"}},
+    "fedadam": {"server_opt": {"name": "fedadam", "eta": 0.01, "beta_1": 0.9,
+                               "beta_2": 0.99, "tau": 0.001}},
+}
+
+
+@pytest.mark.parametrize("rule", [r if r == "pfedprox" else pytest.param(r, marks=pytest.mark.slow)
+                                  for r in RULES])
+def test_flower_messages_give_the_in_process_run(memory_flower, rule):
+    """Same config through the ClientApp/FlowerRun messages == the in-process loop, for the
+    rules with client state (personalised models, SCAFFOLD controls, FedBN's own BN)."""
+    samples = toy_samples(learnable=True)
+    cfg = fed_cfg(seed=1, **RULES[rule])
+    flower, grid = memory_flower(cfg, samples)
+    assert flower.nodes == {"db0": 101, "db1": 102, "db2": 103}
+    flower.run_rounds()
+    local = _in_process(cfg, samples)
+    for a, b in zip(flower.global_weights, local.global_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert [c["pooled_global"] for c in flower.curves] == \
+        [c["pooled_global"] for c in local.curves]
+    assert [c["pooled_personalised"] for c in flower.curves] == \
+        [c["pooled_personalised"] for c in local.curves]
+    # one train and one evaluate message per client and round, nothing else after joining
+    kinds = [k for k, _ in grid.sent]
+    assert kinds.count("train") == kinds.count("evaluate") == 3 * 2
+    if rule == "scaffold":  # the controls live on the nodes and reach the server as deltas
+        for a, b in zip(flower.server_control, local.server_control):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        assert all("control" in ctx.state for ctx in grid.contexts.values())
+
+
+def test_crashing_and_silent_nodes_are_counted_and_the_run_finishes(memory_flower):
+    samples = toy_samples(learnable=True)
+    cfg = fed_cfg(seed=2, faults={"crash": [{"client": "db0", "round": 1}]})
+    flower, grid = memory_flower(cfg, samples)
+    grid.silent = {"db2"}  # joined, then went silent
+    flower.run_rounds()
+    r1, r2 = flower.stats
+    assert r1["failed"] == ["db0", "db2"] and r1["clients"] == ["db1"]
+    assert r2["failed"] == ["db2"] and r2["clients"] == ["db0", "db1"]
+    assert [f["client"] for f in flower.failures] == ["db0", "db2", "db2"]
+    assert "injected fault" in flower.failures[0]["error"]
+    assert {lost["message"] for lost in flower.lost} == {"train", "evaluate"}
+    final = flower.curves[-1]  # the silent node is left out of the evaluation
+    assert set(final["per_client"]) == {"db0", "db1"}
+
+
+def test_a_client_without_a_supernode_stops_the_start(memory_flower, monkeypatch):
+    original = MemoryGrid.get_node_ids
+    monkeypatch.setattr(MemoryGrid, "get_node_ids", lambda self: original(self)[:2])
+    with pytest.raises(TimeoutError, match=r"only clients \['db0', 'db1'\]"):
+        memory_flower(fed_cfg(), toy_samples())
+
+
+def test_secure_aggregation_is_refused_over_flower(memory_flower):
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = fed_cfg()
+    with open_dict(cfg):
+        cfg.privacy = OmegaConf.create({"name": "secagg"})
+    with pytest.raises(ValueError, match="not wired into the Flower apps"):
+        memory_flower(cfg, toy_samples())
+
+
+def test_compose_config_refuses_a_config_without_federated():
+    with pytest.raises(ValueError, match="need a federated config"):
+        flower_app.compose_config("data.preset=tiny")
+
+
+# -- real Flower processes on 127.0.0.1 ---------------------------------------------------------
+
+OVERRIDES = ("federated=fedavg model=ststnet data.preset=tiny federated.num_clients=3 "
+             "federated.rounds=2 federated.local_epochs=1 federated.eval_every=2 "
+             "federated.baselines=false progress=false")
+
+
+def _in_process_weights(overrides: str) -> list[np.ndarray]:
+    from mer.data.sources import load_samples
+
+    cfg = flower_app.compose_config(overrides)
+    samples = load_samples(cfg.data, cfg.paths.cache_dir)
+    return _in_process(cfg, samples).global_weights
+
+
+@pytest.fixture
+def cache(tmp_path_factory, monkeypatch):
+    path = tmp_path_factory.getbasetemp() / "flower_cache"  # shared by the slow tests
+    monkeypatch.setenv("MER_CACHE_DIR", str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_real_flower_processes_give_the_in_process_model(tmp_path, cache):
+    """FedAvg, 3 clients, 2 rounds: flower-superlink + 3 flower-supernode + flwr run on
+    127.0.0.1 give the in-process loop's global model."""
+    from mer.federated.flower_local import LocalFederation
+
+    with LocalFederation(tmp_path / "flower", clients=3) as fed:
+        run_id = fed.submit({"overrides": OVERRIDES, "out-dir": str(tmp_path / "out")})
+        status = fed.wait(run_id, timeout_s=900)
+        assert status == "finished:completed", fed.server_log(run_id)[-4000:]
+    saved = torch.load(tmp_path / "out" / "global_model.pt", weights_only=False)["global"]
+    expected = _in_process_weights(OVERRIDES)
+    assert len(saved) == len(expected)
+    for a, b in zip(saved, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    import json
+
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    fed_res = results["federated"]
+    assert fed_res["transport"]["engine"] == "flower"
+    assert sorted(fed_res["transport"]["nodes"]) == sorted(fed_res["clients"])
+    assert [r["clients"] for r in fed_res["rounds"]] == [sorted(fed_res["clients"])] * 2
+    assert (tmp_path / "out" / "predictions.csv").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_supernode_does_not_hang_the_run(tmp_path, cache):
+    """A SuperNode SIGKILLed during round 2 of 3: the round completes with the others, the
+    loss is logged and counted, and the run finishes."""
+    import json
+
+    from mer.federated.flower_local import LocalFederation
+
+    out = tmp_path / "out"
+    overrides = OVERRIDES.replace("federated.rounds=2", "federated.rounds=3")
+    with LocalFederation(tmp_path / "flower", clients=3) as fed:
+        run_id = fed.submit({"overrides": overrides, "out-dir": str(out),
+                             "round-timeout-s": 60.0})
+        checkpoint = out / "checkpoints" / "federated_state.pt"
+        t0 = time.monotonic()
+        while not checkpoint.exists():  # round 1 done: round 2's messages are on their way
+            assert time.monotonic() - t0 < 600, fed.server_log(run_id)[-4000:]
+            time.sleep(0.2)
+        fed.kill_supernode(2)
+        t_kill = time.monotonic()
+        status = fed.wait(run_id, timeout_s=600)
+        assert status == "finished:completed", fed.server_log(run_id)[-4000:]
+        assert time.monotonic() - t_kill < 400  # no hang: bounded by the round timeouts
+    results = json.loads((out / "results.json").read_text())["federated"]
+    rounds = results["rounds"]
+    victim = [n for n, i in sorted(results["transport"]["nodes"].items(), key=lambda x: x[1])]
+    assert len(rounds) == 3 and results["final"]["round"] == 3
+    assert rounds[0]["failed"] == []
+    lost = {r["client"] for r in results["client_failures"]}
+    assert len(lost) == 1 and results["counts"]["failed"] >= 2  # rounds 2 and 3 without it
+    assert all(len(r["clients"]) == 2 for r in rounds[1:])
+    assert set(results["final"]["per_client"]) == set(victim) - lost
+
+
+@pytest.mark.slow
+def test_flower_simulation_engine_runs_the_app(tmp_path, cache):
+    """The same app in Flower's simulation runtime (Ray; partition-id set by Flower)."""
+    pytest.importorskip("ray")
+    from mer.federated.flower_local import LocalFederation
+
+    with LocalFederation(tmp_path / "flower", clients=3, simulation=True) as fed:
+        run_id = fed.submit({"overrides": OVERRIDES, "out-dir": str(tmp_path / "out")})
+        status = fed.wait(run_id, timeout_s=900)
+        assert status == "finished:completed", fed.server_log(run_id)[-4000:]
+    saved = torch.load(tmp_path / "out" / "global_model.pt", weights_only=False)["global"]
+    for a, b in zip(saved, _in_process_weights(OVERRIDES)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
