@@ -232,6 +232,7 @@ class FlowerRun(FederatedRun):
         self.grid, self.round_timeout_s = grid, float(round_timeout_s)
         self.nodes = self.connect(float(connect_timeout_s))
         self.lost: list[dict] = []  # (round, client, reason) of missing replies
+        self.client_metrics: list[dict] = []  # what each node reported, per round
 
     def connect(self, timeout_s: float) -> dict[str, int]:
         """Ask connected nodes which client they are until every client has one."""
@@ -268,13 +269,22 @@ class FlowerRun(FederatedRun):
         """Send one message per client and wait (``round_timeout_s``) for the replies."""
         msgs = {name: Message(content, dst_node_id=self.nodes[name], message_type=kind,
                               group_id=str(rnd)) for name, content in contents.items()}
-        by_node = {m.metadata.dst_node_id: name for name, m in msgs.items()}
         out: dict[str, RecordDict | Exception] = {
             name: TimeoutError(f"no {kind} reply within {self.round_timeout_s:.0f} s")
             for name in msgs}
-        for reply in self.grid.send_and_receive(list(msgs.values()),
-                                                timeout=self.round_timeout_s):
-            name = by_node[reply.metadata.src_node_id]
+        replies = list(self.grid.send_and_receive(list(msgs.values()),
+                                                  timeout=self.round_timeout_s))
+        # message ids are set when pushed; the SuperLink itself answers for a node that
+        # stopped sending heartbeats (an error reply "Node Unavailable" from node 1)
+        by_id = {m.metadata.message_id: name for name, m in msgs.items() if m.metadata.message_id}
+        by_node = {m.metadata.dst_node_id: name for name, m in msgs.items()}
+        for reply in replies:
+            name = by_id.get(reply.metadata.reply_to_message_id or "-") or \
+                by_node.get(reply.metadata.src_node_id)
+            if name is None:
+                log.warning("round %d: a %s reply for no message sent: %s", rnd, kind,
+                            reply.metadata)
+                continue
             out[name] = RuntimeError(reply.error.reason) if reply.has_error() \
                 else reply.content
         for name, res in out.items():
@@ -311,6 +321,7 @@ class FlowerRun(FederatedRun):
                 self.failures.append({"round": rnd, "client": name, "error": repr(reply)})
                 continue
             m = reply["metrics"]
+            self.client_metrics.append({"round": rnd, "client": name, **dict(m)})
             update = ClientUpdate(name, _weights(reply["arrays"], self.initial_weights),
                                   int(m["num-examples"]), int(m["steps"]), float(m["seconds"]),
                                   float(m["work"]))
@@ -373,7 +384,7 @@ def run_server(grid: Grid, overrides: str, out_dir: Path, round_timeout_s: float
     """All rounds of the configured federated run over ``grid``; writes results.json,
     predictions.csv, curves.csv, rounds.csv and global_model.pt to ``out_dir``."""
     from mer.data.sources import load_samples
-    from mer.engine.runner import _federated_tables, _log_wandb_federated
+    from mer.engine.runner import _federated_tables
     from mer.federated.loop import run_federated
 
     t0 = time.perf_counter()
@@ -401,7 +412,8 @@ def run_server(grid: Grid, overrides: str, out_dir: Path, round_timeout_s: float
                         make_run=make_run)
     run = runs[0]
     fed["protocol"] = {"kind": "holdout", "repeats": 1}
-    fed["transport"] = {"engine": "flower", "nodes": run.nodes, "lost_replies": run.lost}
+    fed["transport"] = {"engine": "flower", "nodes": run.nodes, "lost_replies": run.lost,
+                        "client_metrics": run.client_metrics}
     predictions = fed.pop("predictions")
     results = {
         "name": cfg.name, "synthetic": samples.synthetic, "federated": fed,
@@ -417,8 +429,41 @@ def run_server(grid: Grid, overrides: str, out_dir: Path, round_timeout_s: float
     torch.save({"global": run.global_weights, "entries": run.entry_names},
                out_dir / "global_model.pt")
     _federated_tables(samples, fed, predictions, out_dir)
-    _log_wandb_federated(cfg, out_dir, results)
+    log_wandb(cfg, out_dir, results)
     return results
+
+
+def log_wandb(cfg: DictConfig, out_dir: Path, results: dict) -> None:
+    """One W&B run for the federated run (group: ``logger.wandb.group``, offline unless set
+    otherwise): pooled curves, and each client's figures keyed ``client/<name>/...``."""
+    wb = cfg.logger.get("wandb")
+    if not wb:
+        return
+    import wandb
+
+    fed = results["federated"]
+    run = wandb.init(project=wb.project, group=wb.group, name=f"{cfg.name}-flower-{out_dir.name}",
+                     mode=wb.mode, dir=str(out_dir), job_type="federated-flower",
+                     config=results["config"], tags=list(wb.get("tags", [])) + ["flower"] +
+                     (["synthetic"] if results["synthetic"] else []))
+    steps: dict[int, dict] = {}
+    for m in fed["transport"]["client_metrics"]:
+        steps.setdefault(m["round"], {}).update(
+            {f"client/{m['client']}/{k}": v for k, v in m.items() if k not in ("round", "client")})
+    for curve in fed["curves"]:
+        row = steps.setdefault(curve["round"], {})
+        row.update({f"{k}/{s}": v[s] for k, v in curve.items() if k.startswith("pooled_")
+                    for s in ("uf1", "uar")})
+        row.update({f"client/{c}/{kind}_{s}": m[s] for c, r in curve["per_client"].items()
+                    for kind, m in r.items() for s in ("uf1", "uar")})
+    for r in fed["rounds"]:
+        steps.setdefault(r["round"], {})["failed"] = len(r["failed"])
+    for rnd in sorted(steps):
+        run.log(steps[rnd], step=rnd)
+    run.summary.update({f"{k}/{s}": v[s] for k, v in fed["final"].items()
+                        if k.startswith("pooled_") for s in ("uf1", "uar")})
+    run.summary.update({"synthetic": results["synthetic"], "failed": fed["counts"]["failed"]})
+    run.finish()
 
 
 server_app = ServerApp()
