@@ -36,10 +36,17 @@ def test_slurm_launcher_config_has_the_usual_keys():
 
 
 def _sweep(args: list[str], sweep: Path, cache: Path) -> None:
+    """Run a multirun; the data cache is filled first (concurrent jobs only read it)."""
+    from mer.data.sources import load_samples
+
+    cache = os.environ.get("MER_CACHE_DIR") or str(cache)
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["data.preset=tiny", f"paths.cache_dir={cache}"])
+    load_samples(cfg.data, cfg.paths.cache_dir)
     cmd = [sys.executable, "-m", "mer.run", "-m", *args, f"hydra.sweep.dir={sweep}",
            "progress=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "MER_CACHE_DIR": str(cache)})
+                          env={**os.environ, "MER_CACHE_DIR": cache})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
