@@ -44,9 +44,9 @@ class LocalFederation:
     """
 
     def __init__(self, workdir: Path, clients: int, simulation: bool = False,
-                 node_overrides: list[str] | None = None) -> None:
+                 node_overrides: list[str] | None = None, secure: bool = False) -> None:
         self.workdir = Path(workdir)
-        self.clients, self.simulation = int(clients), simulation
+        self.clients, self.simulation, self.secure = int(clients), simulation, secure
         self.node_overrides = node_overrides or [""] * self.clients
         self.port = free_port()
         path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # flower-superexec & co
@@ -54,38 +54,67 @@ class LocalFederation:
                     "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
         self.superlink: subprocess.Popen | None = None
         self.supernodes: list[subprocess.Popen] = []
+        self._logs: list = []
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 (closed in stop())
+        self._logs.append(log)
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                 cwd=self.workdir, start_new_session=True)
 
     def start(self) -> LocalFederation:
-        """Start the processes and write the ``flwr`` connection ``mer-local``."""
+        """Start the processes and write the ``flwr`` connection ``mer-local``.
+
+        ``secure``: TLS (a CA and a certificate for 127.0.0.1 made here) and SuperNode
+        authentication (each SuperNode's key registered with ``flwr supernode register``).
+        """
         home = self.workdir / "flwr_home"
         home.mkdir(parents=True, exist_ok=True)
         options = f"\noptions.num-supernodes = {self.clients}\n" if self.simulation else "\n"
+        trust = f'root-certificates = "{self.workdir / "ca.crt"}"' if self.secure \
+            else "insecure = true"
         (home / "config.toml").write_text(
             '[superlink]\ndefault = "mer-local"\n\n[superlink.mer-local]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true{options}')
-        link = [str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-                "--port", str(self.port), "--disable-runtime-dependency-installation"]
+            f'address = "127.0.0.1:{self.port}"\n{trust}{options}')
+        link = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+                "--disable-runtime-dependency-installation"]
+        if self.secure:
+            make_certificates(self.workdir)
+            link += ["--ssl-ca-certfile", str(self.workdir / "ca.crt"), "--ssl-certfile",
+                     str(self.workdir / "server.pem"), "--ssl-keyfile",
+                     str(self.workdir / "server.key"), "--enable-supernode-auth"]
+        else:
+            link += ["--insecure"]
         self.superlink = self._spawn("superlink", link + (["--simulation"] if self.simulation
                                                           else []))
         self._wait_port(self.port)
         if not self.simulation:
             for i in range(self.clients):
+                if self.secure:
+                    self.flwr("supernode", "register", str(node_key(self.workdir, i)),
+                              "mer-local")
                 self.supernodes.append(self._spawn(f"supernode{i}", self.supernode_cmd(i)))
         return self
 
-    def supernode_cmd(self, i: int) -> list[str]:
-        """The ``flower-supernode`` command line of client ``i``."""
-        config = f"partition-id={i}"
-        if self.node_overrides[i]:
-            config += f" overrides={json.dumps(self.node_overrides[i])}"
-        return [str(BIN / "flower-supernode"), "--insecure",
-                "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
-                "--node-config", config]
+    def supernode_cmd(self, i: int, partition_id: int | None = None) -> list[str]:
+        """The ``flower-supernode`` command line of client ``i`` (key ``node{i}.key``)."""
+        config = f"partition-id={i if partition_id is None else partition_id}"
+        if self.node_overrides[i % self.clients]:
+            config += f" overrides={json.dumps(self.node_overrides[i % self.clients])}"
+        trust = ["--root-certificates", str(self.workdir / "ca.crt"),
+                 "--auth-supernode-private-key", str(self.workdir / f"node{i}.key")] \
+            if self.secure else ["--insecure"]
+        return [str(BIN / "flower-supernode"), *trust, "--superlink",
+                f"127.0.0.1:{self.port}", "--port", str(free_port()), "--node-config", config]
+
+    def start_unregistered_supernode(self, partition_id: int = 0) -> subprocess.Popen:
+        """A SuperNode with a key the SuperLink does not know (``secure``: it is refused)."""
+        i = len(self.supernodes)
+        node_key(self.workdir, i)
+        self.supernodes.append(self._spawn(f"supernode{i}",
+                                           self.supernode_cmd(i, partition_id)
+                                           + ["--max-retries", "3"]))
+        return self.supernodes[-1]
 
     def _wait_port(self, port: int, timeout_s: float = 60.0) -> None:
         t0 = time.monotonic()
@@ -150,6 +179,8 @@ class LocalFederation:
             except subprocess.TimeoutExpired:
                 _kill(proc, signal.SIGKILL)
                 proc.wait(timeout=10)
+        for log in self._logs:
+            log.close()
 
     def log(self, name: str) -> str:
         path = self.workdir / f"{name}.log"
@@ -160,6 +191,60 @@ class LocalFederation:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def make_certificates(folder: Path) -> None:
+    """``ca.crt`` and a server certificate ``server.pem``/``server.key`` for 127.0.0.1 and
+    localhost, signed by it (what ``openssl`` makes in README's TLS example)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.Certificate:
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=2))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), \
+        ec.generate_private_key(ec.SECP384R1())
+    ca = cert("mer-ca", ca_key, "mer-ca", ca_key, ca=True)
+    server = cert("localhost", server_key, "mer-ca", ca_key, ca=False)
+    pem = serialization.Encoding.PEM
+    (folder / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (folder / "server.pem").write_bytes(server.public_bytes(pem))
+    (folder / "server.key").write_bytes(server_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+
+def node_key(folder: Path, i: int) -> Path:
+    """SuperNode ``i``'s EC key pair in OpenSSH format (``ssh-keygen -t ecdsa -b 384``):
+    ``node{i}.key`` and ``node{i}.key.pub``; returns the public key's path."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    (folder / f"node{i}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption()))
+    public = folder / f"node{i}.key.pub"
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH))
+    return public
 
 
 def _kill(proc: subprocess.Popen, sig: int) -> None:
@@ -187,12 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default="outputs/flower", help="results folder")
     p.add_argument("--workdir", default=None, help="logs and FLWR_HOME (default: out-dir)")
     p.add_argument("--simulation", action="store_true", help="Flower's simulation engine")
+    p.add_argument("--secure", action="store_true",
+                   help="TLS and SuperNode authentication (certificates and keys made here)")
     p.add_argument("--timeout-s", type=float, default=3600.0, help="whole-run limit")
     args = p.parse_args(argv)
     out = Path(args.out_dir).resolve()
     work = Path(args.workdir).resolve() if args.workdir else out / "flower"
     work.mkdir(parents=True, exist_ok=True)
-    with LocalFederation(work, args.clients, args.simulation) as fed:
+    with LocalFederation(work, args.clients, args.simulation, secure=args.secure) as fed:
         run_id = fed.submit({"overrides": args.overrides, "out-dir": str(out)})
         print(f"run {run_id} submitted to 127.0.0.1:{fed.port}; logs in {work}")
         status = fed.wait(run_id, args.timeout_s)
