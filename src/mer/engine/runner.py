@@ -141,7 +141,7 @@ def run_federated_experiment(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     _federated_tables(samples, fed, predictions, run_dir)
-    _log_wandb_federated(cfg, run_dir, results)
+    log_wandb_federated(cfg, run_dir, results)
     _print_federated(results, run_dir)
     return results
 
@@ -269,25 +269,43 @@ def _log_wandb(cfg: DictConfig, run_dir: Path, results: dict) -> None:
 
 
 
-def _log_wandb_federated(cfg: DictConfig, run_dir: Path, results: dict) -> None:
-    """One W&B run per federated job, grouped by experiment name: curves and final figures."""
+def log_wandb_federated(cfg: DictConfig, run_dir: Path, results: dict,
+                        transport: str | None = None) -> None:
+    """One W&B run per federated job (group ``logger.wandb.group``: the experiment name;
+    offline unless set otherwise): pooled curves, each client's figures keyed
+    ``client/<name>/...``, per-round failures, final figures. ``transport``: e.g. ``flower``
+    (its per-client training metrics are logged too)."""
     wb = cfg.logger.get("wandb")
     if not wb:
         return
     import wandb
 
     fed = results["federated"]
-    run = wandb.init(project=wb.project, group=wb.group, name=f"{cfg.name}-{run_dir.name}",
-                     mode=wb.mode, dir=str(run_dir), job_type="federated",
+    suffix = f"-{transport}" if transport else ""
+    run = wandb.init(project=wb.project, group=wb.group, name=f"{cfg.name}{suffix}-{run_dir.name}",
+                     mode=wb.mode, dir=str(run_dir), job_type=f"federated{suffix}",
                      config=results["config"], tags=list(wb.get("tags", [])) +
+                     ([transport] if transport else []) +
                      (["synthetic"] if results["synthetic"] else []))
+    steps: dict[int, dict] = {}
+    for m in (fed.get("transport") or {}).get("client_metrics", []):
+        steps.setdefault(m["round"], {}).update(
+            {f"client/{m['client']}/{k}": v for k, v in m.items() if k not in ("round", "client")})
     for curve in fed.get("curves", []):
-        run.log({f"{k}/{s}": v[s] for k, v in curve.items() if k.startswith("pooled_")
-                 for s in ("uf1", "uar")}, step=curve["round"])
+        row = steps.setdefault(curve["round"], {})
+        row.update({f"{k}/{s}": v[s] for k, v in curve.items() if k.startswith("pooled_")
+                    for s in ("uf1", "uar")})
+        row.update({f"client/{c}/{kind}_{s}": m[s] for c, r in curve["per_client"].items()
+                    for kind, m in r.items() for s in ("uf1", "uar")})
+    for r in fed.get("rounds", []):
+        steps.setdefault(r["round"], {})["failed"] = len(r["failed"])
+    for rnd in sorted(steps):
+        run.log(steps[rnd], step=rnd)
     run.summary.update({f"{k}/{s}": v[s] for k, v in fed["final"].items()
                         if k.startswith("pooled_") for s in ("uf1", "uar")})
     for k, v in (fed.get("baselines") or {}).items():
         if k.startswith("pooled_"):
             run.summary.update({f"baseline_{k}/uf1": v["uf1"], f"baseline_{k}/uar": v["uar"]})
-    run.summary.update({"synthetic": results["synthetic"]})
+    run.summary.update({"synthetic": results["synthetic"],
+                        **({"failed": fed["counts"]["failed"]} if "counts" in fed else {})})
     run.finish()
