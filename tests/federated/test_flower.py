@@ -15,6 +15,7 @@ pytest.importorskip("flwr")
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from mer.engine.runner import log_wandb_federated  # noqa: E402
 from mer.federated import flower_app  # noqa: E402
 from mer.federated.loop import FederatedRun, make_clients  # noqa: E402
 
@@ -285,7 +286,7 @@ def test_wandb_run_keys_clients_metrics_by_client(memory_flower, monkeypatch, tm
     results = {"synthetic": True, "config": {}, "federated": {
         "transport": {"client_metrics": flower.client_metrics}, "curves": flower.curves,
         "rounds": flower.stats, "final": flower.curves[-1], "counts": {"failed": 0}}}
-    flower_app.log_wandb(cfg, tmp_path, results)
+    log_wandb_federated(cfg, tmp_path, results, transport="flower")
     assert logged["init"]["group"] == "toy" and logged["init"]["mode"] == "offline"
     row = logged["rows"][1]
     for name in ("db0", "db1", "db2"):

@@ -1083,6 +1083,9 @@ def ensure_synme(cfg: SynMEConfig, cache_dir: str | Path, workers: int = 0,
     tmp = cache / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         generate_synme(cfg, tmp, workers=workers, progress=progress)
+        if (root / ROOT_META_NAME).exists():  # another process finished first (and may be
+            shutil.rmtree(tmp, ignore_errors=True)  # reading it): keep theirs
+            return root
         if root.exists():  # a stale, incomplete root (no synme.json): replace it
             shutil.rmtree(root)
         os.rename(tmp, root)

@@ -140,13 +140,13 @@ def run_federated_experiment(cfg: DictConfig, run_dir: Path) -> dict:
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    _federated_tables(samples, fed, predictions, run_dir)
+    federated_tables(samples, fed, predictions, run_dir)
     log_wandb_federated(cfg, run_dir, results)
     _print_federated(results, run_dir)
     return results
 
 
-def _federated_tables(samples: FlowSamples, fed: dict, predictions: dict, run_dir: Path) -> None:
+def federated_tables(samples: FlowSamples, fed: dict, predictions: dict, run_dir: Path) -> None:
     """predictions.csv (one row per test clip, one column per model kind), curves.csv and
     rounds.csv."""
     idx = predictions["index"]

@@ -384,7 +384,7 @@ def run_server(grid: Grid, overrides: str, out_dir: Path, round_timeout_s: float
     """All rounds of the configured federated run over ``grid``; writes results.json,
     predictions.csv, curves.csv, rounds.csv and global_model.pt to ``out_dir``."""
     from mer.data.sources import load_samples
-    from mer.engine.runner import _federated_tables
+    from mer.engine.runner import federated_tables, log_wandb_federated
     from mer.federated.loop import run_federated
 
     t0 = time.perf_counter()
@@ -428,42 +428,9 @@ def run_server(grid: Grid, overrides: str, out_dir: Path, round_timeout_s: float
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     torch.save({"global": run.global_weights, "entries": run.entry_names},
                out_dir / "global_model.pt")
-    _federated_tables(samples, fed, predictions, out_dir)
-    log_wandb(cfg, out_dir, results)
+    federated_tables(samples, fed, predictions, out_dir)
+    log_wandb_federated(cfg, out_dir, results, transport="flower")
     return results
-
-
-def log_wandb(cfg: DictConfig, out_dir: Path, results: dict) -> None:
-    """One W&B run for the federated run (group: ``logger.wandb.group``, offline unless set
-    otherwise): pooled curves, and each client's figures keyed ``client/<name>/...``."""
-    wb = cfg.logger.get("wandb")
-    if not wb:
-        return
-    import wandb
-
-    fed = results["federated"]
-    run = wandb.init(project=wb.project, group=wb.group, name=f"{cfg.name}-flower-{out_dir.name}",
-                     mode=wb.mode, dir=str(out_dir), job_type="federated-flower",
-                     config=results["config"], tags=list(wb.get("tags", [])) + ["flower"] +
-                     (["synthetic"] if results["synthetic"] else []))
-    steps: dict[int, dict] = {}
-    for m in fed["transport"]["client_metrics"]:
-        steps.setdefault(m["round"], {}).update(
-            {f"client/{m['client']}/{k}": v for k, v in m.items() if k not in ("round", "client")})
-    for curve in fed["curves"]:
-        row = steps.setdefault(curve["round"], {})
-        row.update({f"{k}/{s}": v[s] for k, v in curve.items() if k.startswith("pooled_")
-                    for s in ("uf1", "uar")})
-        row.update({f"client/{c}/{kind}_{s}": m[s] for c, r in curve["per_client"].items()
-                    for kind, m in r.items() for s in ("uf1", "uar")})
-    for r in fed["rounds"]:
-        steps.setdefault(r["round"], {})["failed"] = len(r["failed"])
-    for rnd in sorted(steps):
-        run.log(steps[rnd], step=rnd)
-    run.summary.update({f"{k}/{s}": v[s] for k, v in fed["final"].items()
-                        if k.startswith("pooled_") for s in ("uf1", "uar")})
-    run.summary.update({"synthetic": results["synthetic"], "failed": fed["counts"]["failed"]})
-    run.finish()
 
 
 server_app = ServerApp()
