@@ -73,3 +73,31 @@ def test_membership_inference_auc_drops_with_dp():
     assert 0 < eps < 20
     # the measured advantage respects the (epsilon, delta) bound
     assert private["advantage"] <= (np.exp(eps) - 1 + 2e-3) / (np.exp(eps) + 1)
+
+
+@pytest.mark.slow
+def test_inversion_of_synme_flows_beats_its_prior_only_without_secure_aggregation(
+        victim, tmp_path):
+    """On SynME's flow images (tiny preset), starting from the mean of the clips it does not
+    attack (the attacker's public prior): an unprotected one-clip update gives a flow well
+    above that prior; the sum of 3 clients' updates gives nothing beyond it."""
+    from omegaconf import OmegaConf
+
+    from mer.data.sources import load_samples
+    from mer.run import CONFIG_DIR
+
+    data = OmegaConf.merge(OmegaConf.load(f"{CONFIG_DIR}/data/synme.yaml"), {"preset": "tiny"})
+    samples = load_samples(data, tmp_path)
+    order = np.random.default_rng(42).permutation(len(samples.x))
+    x = torch.from_numpy(samples.x[order[:9]])
+    y = torch.as_tensor(samples.labels[order[:9]].copy())
+    public = torch.from_numpy(samples.x[order[9:]])
+    scores = {p: [run_inversion(victim, x[i:i + 1], y[i:i + 1], p, InversionConfig(steps=300),
+                                others=(x[3 + 2 * i:5 + 2 * i], y[3 + 2 * i:5 + 2 * i]),
+                                seed=i, public=public) for i in range(3)]
+              for p in ("none", "secagg")}
+    mean = {p: np.mean([r["psnr"] for r in rs]) for p, rs in scores.items()}
+    prior = np.mean([r["prior_psnr"] for r in scores["none"]])
+    random = np.mean([r["random_psnr"] for r in scores["none"]])
+    assert mean["none"] > prior + 3 and mean["none"] > random + 10
+    assert mean["secagg"] < prior + 1

@@ -119,10 +119,13 @@ def classifier_input(net: nn.Module, update: list[torch.Tensor]) -> torch.Tensor
 
 
 def invert(net: nn.Module, update: list[torch.Tensor], shape: tuple[int, ...], label: int,
-           cfg: InversionConfig | None = None, seed: int = 0) -> tuple[torch.Tensor, float]:
+           cfg: InversionConfig | None = None, seed: int = 0,
+           init: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Reconstruct one input (1, *shape) from a one-sample update (see the module doc).
 
-    Returns the reconstruction in [0, 1] and its final relative feature distance.
+    ``init``: the image to start from (1, *shape), e.g. a typical flow the attacker knows
+    from public data; default a flat grey image. Returns the reconstruction in [0, 1] and
+    its final relative feature distance.
     """
     cfg = cfg or InversionConfig()
     net = copy.deepcopy(net).train()
@@ -134,7 +137,8 @@ def invert(net: nn.Module, update: list[torch.Tensor], shape: tuple[int, ...], l
     fc.register_forward_hook(lambda m, i, o: captured.__setitem__("h", i[0]))
     y = torch.tensor([label])
     gen = torch.Generator().manual_seed(seed)
-    dummy = (0.5 + 0.01 * torch.randn((1, *shape), generator=gen)).requires_grad_(True)
+    start = init.clone() if init is not None else torch.full((1, *shape), 0.5)
+    dummy = (start + 0.01 * torch.randn((1, *shape), generator=gen)).requires_grad_(True)
     opt = torch.optim.Adam([dummy], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     with one_thread():
@@ -168,7 +172,7 @@ def run_inversion(net: nn.Module, x: torch.Tensor, y: torch.Tensor, protection: 
                   cfg: InversionConfig | None = None, lr: float = 0.1,
                   noise_multiplier: float = 1.0, max_grad_norm: float = 1.0,
                   others: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, public: torch.Tensor | None = None) -> dict:
     """Attack the update of the client holding (x (1, C, H, W), y (1,)).
 
     Args:
@@ -178,6 +182,9 @@ def run_inversion(net: nn.Module, x: torch.Tensor, y: torch.Tensor, protection: 
             ``others``).
         others: (xs (M, C, H, W), ys (M,)) other clients' samples: the co-aggregated clients
             under ``secagg``, and the mean-flow baseline in every setting.
+        public: (P, C, H, W) flows the attacker holds (public data, none of the clients'):
+            their mean is the attacker's prior, the image the inversion starts from
+            (``prior_psnr`` / ``prior_ssim``: what the prior alone scores).
 
     Returns:
         psnr, ssim (vs x), label_ok, the baselines random_psnr / random_ssim (a uniformly
@@ -198,13 +205,17 @@ def run_inversion(net: nn.Module, x: torch.Tensor, y: torch.Tensor, protection: 
     else:
         raise ValueError(f"unknown protection {protection!r}: none, dp or secagg")
     label = infer_label(net, update)
-    estimate, feature_distance = invert(net, update, tuple(x.shape[1:]), label, cfg, seed=seed)
+    prior = public.mean(0, keepdim=True) if public is not None else None
+    estimate, feature_distance = invert(net, update, tuple(x.shape[1:]), label, cfg, seed=seed,
+                                        init=prior)
     p, s = image_scores(estimate, x)
     rp, rs = image_scores(torch.rand(x.shape, generator=torch.Generator().manual_seed(seed)), x)
     out = {"protection": protection, "psnr": p, "ssim": s, "label_ok": label == int(y[0]),
            "random_psnr": rp, "random_ssim": rs, "feature_distance": feature_distance}
     if others is not None:
         out["mean_psnr"], out["mean_ssim"] = image_scores(others[0].mean(0, keepdim=True), x)
+    if prior is not None:
+        out["prior_psnr"], out["prior_ssim"] = image_scores(prior, x)
     if protection == "secagg":
         out["psnr_best_client"] = max([p] + [image_scores(estimate, others[0][k:k + 1])[0]
                                              for k in range(len(others[0]))])
