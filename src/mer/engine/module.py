@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from mer.engine.metrics import recognition_metrics
+
+# Lightning 2.6 on torch 2.14 warns at every fit about its own use of a torch API (LeafSpec);
+# nothing a user can act on, and it floods federated runs (one Trainer per client per round).
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 class MERModule(L.LightningModule):
