@@ -175,10 +175,14 @@ def plot_audit(report: dict, path: Path) -> None:
 
     rows = report["settings"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    finite = [r["epsilon"] for r in rows if r["epsilon"] is not None]
-    inf_x = 2 * max(finite) if finite else 1.0  # settings without DP drawn at the right
+
+    def finite(eps: float | None) -> bool:
+        return eps is not None and math.isfinite(eps)
+
+    bounded = [r["epsilon"] for r in rows if finite(r["epsilon"])]
+    inf_x = 2 * max(bounded) if bounded else 1.0  # settings without a DP bound at the right
     for r in rows:
-        x = r["epsilon"] if r["epsilon"] is not None else inf_x
+        x = r["epsilon"] if finite(r["epsilon"]) else inf_x
         axes[0].scatter(x, r["uf1"], label=r["setting"])
         axes[1].scatter(x, r["mia"]["auc"], label=r["setting"])
     axes[0].set(xlabel="epsilon (no DP at the right)", ylabel="pooled UF1", xscale="log")
