@@ -22,7 +22,7 @@ from mer.data.databases.common import (
     DatabaseError,
     Problems,
     collect_samples,
-    find_column,
+    find_columns,
     read_table,
     subject_id,
     text_cell,
@@ -54,15 +54,7 @@ def read_casme2(
     root = Path(root)
     sheet = Path(sheet) if sheet else find_sheet(root)
     df = read_table(sheet, keys=("Subject", "Filename"))
-    col = {
-        "subject": find_column(df, ["Subject"], sheet, "subject"),
-        "clip": find_column(df, ["Filename"], sheet, "filename"),
-        "onset": find_column(df, ["OnsetFrame", "Onset Frame", "Onset"], sheet, "onset"),
-        "apex": find_column(df, ["ApexFrame", "Apex Frame", "Apex"], sheet, "apex"),
-        "offset": find_column(df, ["OffsetFrame", "Offset Frame", "Offset"], sheet, "offset"),
-        "aus": find_column(df, ["Action Units", "AU"], sheet, "action units"),
-        "emotion": find_column(df, ["Estimated Emotion", "emotion"], sheet, "emotion"),
-    }
+    col = find_columns(df, sheet)
     tree, pattern = next(((t, p) for t, p in _FRAME_TREES if (root / t).is_dir()), (None, None))
     if tree is None:
         raise DatabaseError(

@@ -25,7 +25,7 @@ import pandas as pd
 from mer.data.databases.common import (
     Problems,
     collect_samples,
-    find_column,
+    find_columns,
     find_sheet,
     find_tree,
     optional_column,
@@ -49,15 +49,7 @@ def read_casme3(
     sheet = Path(sheet) if sheet else find_sheet(
         [root, tree], ["*ME_label*.xls*", "*.xlsx"], "CAS(ME)^3 Part A ME label sheet")
     df = read_table(sheet, keys=("Subject", "Filename"))
-    col = {
-        "subject": find_column(df, ["Subject"], sheet, "subject"),
-        "clip": find_column(df, ["Filename"], sheet, "filename"),
-        "onset": find_column(df, ["Onset", "Onset Frame"], sheet, "onset"),
-        "apex": find_column(df, ["Apex", "Apex Frame"], sheet, "apex"),
-        "offset": find_column(df, ["Offset", "Offset Frame"], sheet, "offset"),
-        "aus": find_column(df, ["AU", "Action Units"], sheet, "action units"),
-        "emotion": find_column(df, ["emotion", "Estimated Emotion"], sheet, "emotion"),
-    }
+    col = find_columns(df, sheet)
     objective = optional_column(df, ["Objective class", "Objective classes"])
     specs = []
     for r in df.to_dict("records"):

@@ -87,6 +87,29 @@ def find_column(df: pd.DataFrame, variants: list[str], sheet: Path, what: str) -
     )
 
 
+# The columns of a recognition sheet, with the header spellings met across the databases
+# (matching ignores case, spaces and underscores: "OnsetFrame" also finds "Onset Frame").
+SHEET_COLUMNS: dict[str, list[str]] = {
+    "subject": ["Subject"],
+    "clip": ["Filename"],
+    "onset": ["OnsetFrame", "Onset"],
+    "apex": ["ApexFrame", "Apex"],
+    "offset": ["OffsetFrame", "Offset"],
+    "aus": ["Action Units", "AU"],
+    "emotion": ["Estimated Emotion", "emotion"],
+}
+_COLUMN_WHAT = {"clip": "filename", "aus": "action units"}
+
+
+def find_columns(df: pd.DataFrame, sheet: Path, keys: Iterable[str] = tuple(SHEET_COLUMNS),
+                 extra: dict[str, list[str]] | None = None) -> dict[str, str]:
+    """``key -> column`` for the standard ``keys`` (:data:`SHEET_COLUMNS`); ``extra`` holds a
+    database's own spellings, tried first. DatabaseError names the sheet and a missing key."""
+    extra = extra or {}
+    return {k: find_column(df, [*extra.get(k, []), *SHEET_COLUMNS[k]], sheet,
+                           _COLUMN_WHAT.get(k, k)) for k in keys}
+
+
 def optional_column(df: pd.DataFrame, variants: list[str]) -> str | None:
     """Like :func:`find_column`, but None when the sheet has no such column."""
     norm = {_norm(c): c for c in reversed(list(df.columns))}

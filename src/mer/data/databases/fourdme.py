@@ -25,7 +25,7 @@ import pandas as pd
 from mer.data.databases.common import (
     Problems,
     collect_samples,
-    find_column,
+    find_columns,
     find_sheet,
     find_tree,
     read_table,
@@ -48,15 +48,8 @@ def read_fourdme(
     sheet = Path(sheet) if sheet else find_sheet(
         [root, tree.parent], ["4DME_Labelling_Micro*.xls*", "*.xlsx"], "4DME labelling sheet")
     df = read_table(sheet, keys=("sub_ID", "fold_name"))
-    col = {
-        "subject": find_column(df, ["sub_ID", "Subject"], sheet, "subject"),
-        "clip": find_column(df, ["fold_name", "Filename"], sheet, "fold_name"),
-        "onset": find_column(df, ["Onset"], sheet, "onset"),
-        "apex": find_column(df, ["Apex"], sheet, "apex"),
-        "offset": find_column(df, ["Offset"], sheet, "offset"),
-        "aus": find_column(df, ["AUs", "AU", "Action Units"], sheet, "AUs"),
-        "emotion": find_column(df, ["Emotion", "Estimated Emotion"], sheet, "emotion"),
-    }
+    col = find_columns(df, sheet, extra={"subject": ["sub_ID"], "clip": ["fold_name"],
+                                         "aus": ["AUs"], "emotion": ["Emotion"]})
     known = None if emotions is None else set(emotions)
     specs = []
     for r in df.to_dict("records"):

@@ -21,7 +21,7 @@ import pandas as pd
 from mer.data.databases.common import (
     Problems,
     collect_samples,
-    find_column,
+    find_columns,
     find_sheet,
     find_tree,
     read_table,
@@ -44,15 +44,7 @@ def read_mmew(
     sheet = Path(sheet) if sheet else find_sheet(
         [root, tree, tree.parent], ["MMEW_Micro_Exp*.xls*", "*.xlsx"], "MMEW micro sheet")
     df = read_table(sheet, keys=("Subject", "Filename"))
-    col = {
-        "subject": find_column(df, ["Subject"], sheet, "subject"),
-        "clip": find_column(df, ["Filename"], sheet, "filename"),
-        "onset": find_column(df, ["OnsetFrame", "Onset Frame", "Onset"], sheet, "onset"),
-        "apex": find_column(df, ["ApexFrame", "Apex Frame", "Apex"], sheet, "apex"),
-        "offset": find_column(df, ["OffsetFrame", "Offset Frame", "Offset"], sheet, "offset"),
-        "aus": find_column(df, ["Action Units", "AU"], sheet, "action units"),
-        "emotion": find_column(df, ["Estimated Emotion", "emotion"], sheet, "emotion"),
-    }
+    col = find_columns(df, sheet)
     folders = {p.name.lower(): p for p in tree.iterdir() if p.is_dir()}
     specs = []
     for r in df.to_dict("records"):

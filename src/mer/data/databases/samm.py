@@ -24,7 +24,7 @@ import pandas as pd
 from mer.data.databases.common import (
     Problems,
     collect_samples,
-    find_column,
+    find_columns,
     find_sheet,
     find_tree,
     optional_column,
@@ -57,15 +57,7 @@ def read_samm(
     sheet = Path(sheet) if sheet else find_sheet(
         [root, tree], ["SAMM_Micro_FACS_Codes*.xls*", "*.xlsx"], "SAMM coding sheet")
     df = read_table(sheet, keys=("Subject", "Filename"))
-    col = {
-        "subject": find_column(df, ["Subject"], sheet, "subject"),
-        "clip": find_column(df, ["Filename"], sheet, "filename"),
-        "onset": find_column(df, ["Onset Frame", "Onset"], sheet, "onset"),
-        "apex": find_column(df, ["Apex Frame", "Apex"], sheet, "apex"),
-        "offset": find_column(df, ["Offset Frame", "Offset"], sheet, "offset"),
-        "aus": find_column(df, ["Action Units", "AU"], sheet, "action units"),
-        "emotion": find_column(df, ["Estimated Emotion", "emotion"], sheet, "emotion"),
-    }
+    col = find_columns(df, sheet)
     objective = optional_column(df, ["Objective Classes", "Objective Class"])
     specs = []
     for r in df.to_dict("records"):

@@ -25,6 +25,7 @@ from mer.data.databases.common import (
     collect_intervals,
     collect_samples,
     find_column,
+    find_columns,
     find_sheet,
     find_tree,
     interval_type,
@@ -44,19 +45,12 @@ def _specs(
     sheet = Path(sheet) if sheet else find_sheet(
         [root, tree.parent], ["SAMM_LongVideos*.xls*", "*.xlsx"], "SAMM-LV release sheet")
     df = read_table(sheet, keys=("Subject", "Filename"))
-    col = {
-        "subject": find_column(df, ["Subject"], sheet, "subject"),
-        "name": find_column(df, ["Filename"], sheet, "filename"),
-        "onset": find_column(df, ["Onset", "Onset Frame"], sheet, "onset"),
-        "apex": find_column(df, ["Apex", "Apex Frame"], sheet, "apex"),
-        "offset": find_column(df, ["Offset", "Offset Frame"], sheet, "offset"),
-        "type": find_column(df, ["Type"], sheet, "type (macro/micro)"),
-        "aus": find_column(df, ["Action Units", "AU"], sheet, "action units"),
-    }
+    col = find_columns(df, sheet, keys=("subject", "clip", "onset", "apex", "offset", "aus"))
+    col["type"] = find_column(df, ["Type"], sheet, "type (macro/micro)")
     emotions = _micro_emotions(Path(micro_sheet)) if micro_sheet else {}
     specs = []
     for r in df.to_dict("records"):
-        name = text_cell(r[col["name"]])
+        name = text_cell(r[col["clip"]])
         video = "_".join(name.split("_")[:2])  # 006_1_2 -> 006_1
         specs.append({
             "row": r["_row"], "subject": subject_id(r[col["subject"]], "{:03d}"),
