@@ -120,29 +120,38 @@ def run_recognition(cfg: DictConfig, run_dir: Path) -> dict:
 def run_federated_experiment(cfg: DictConfig, run_dir: Path) -> dict:
     """A federated run: results.json with per-round curves, per-client and pooled figures,
     predictions.csv, curves.csv and rounds.csv (CSV logs), W&B with ``logger=wandb``."""
-    import json
-
     from mer.federated.protocols import run_federated_protocol
 
     t0 = time.perf_counter()
     samples = load_samples(cfg.data, cfg.paths.cache_dir)
     t_data = time.perf_counter() - t0
     fed = run_federated_protocol(cfg, samples, run_dir, show_progress=bool(cfg.progress))
+    timings = {"data_s": t_data, "federated_s": time.perf_counter() - t0 - t_data}
+    results = write_federated_results(cfg, samples, fed, timings, run_dir)
+    _print_federated(results, run_dir)
+    return results
+
+
+def write_federated_results(cfg: DictConfig, samples: FlowSamples, fed: dict, timings: dict,
+                            run_dir: Path, transport: str | None = None) -> dict:
+    """results.json, the CSV tables and the W&B run of a finished federated run (in-process
+    or over ``transport``); ``fed`` still holds its ``predictions``. Returns the results."""
+    import json
+
     predictions = fed.pop("predictions")
     results = {
         "name": cfg.name, "synthetic": samples.synthetic, "federated": fed,
         "data": {**samples.provenance, "synthetic": samples.synthetic,
                  "n_samples": len(samples.meta), "class_names": samples.class_names,
                  "excluded": samples.excluded},
-        "timings": {"data_s": t_data, "federated_s": time.perf_counter() - t0 - t_data},
+        "timings": timings,
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     federated_tables(samples, fed, predictions, run_dir)
-    log_wandb_federated(cfg, run_dir, results)
-    _print_federated(results, run_dir)
+    log_wandb_federated(cfg, run_dir, results, transport=transport)
     return results
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import shlex
 import time
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from mer.data.samples import FlowSamples
 from mer.federated.loop import ClientState, ClientUpdate, FederatedRun, Weights, make_clients
@@ -329,10 +328,7 @@ class FlowerRun(FederatedRun):
                 update.control_delta = _weights(reply["control_delta"], self.initial_weights)
             if name in self.client_privacy:  # the node's accountant, for epsilons() here
                 self.client_privacy[name].accountant.history = _history(reply)
-            if self.faults.deadline_s is not None and update.seconds > self.faults.deadline_s:
-                log.warning("round %d: client %s missed the %.3g s deadline (%.3g s)", rnd,
-                            name, self.faults.deadline_s, update.seconds)
-                faults["late"].append(name)
+            if self.is_late(rnd, update, faults):
                 continue
             updates.append(update)
         order = [self.clients[k].name for k in chosen]  # the loop's order, for equal sums
@@ -384,7 +380,7 @@ def run_server(grid: Grid, overrides: str, out_dir: Path, round_timeout_s: float
     """All rounds of the configured federated run over ``grid``; writes results.json,
     predictions.csv, curves.csv, rounds.csv and global_model.pt to ``out_dir``."""
     from mer.data.sources import load_samples
-    from mer.engine.runner import federated_tables, log_wandb_federated
+    from mer.engine.runner import write_federated_results
     from mer.federated.loop import run_federated
 
     t0 = time.perf_counter()
@@ -414,22 +410,10 @@ def run_server(grid: Grid, overrides: str, out_dir: Path, round_timeout_s: float
     fed["protocol"] = {"kind": "holdout", "repeats": 1}
     fed["transport"] = {"engine": "flower", "nodes": run.nodes, "lost_replies": run.lost,
                         "client_metrics": run.client_metrics}
-    predictions = fed.pop("predictions")
-    results = {
-        "name": cfg.name, "synthetic": samples.synthetic, "federated": fed,
-        "data": {**samples.provenance, "synthetic": samples.synthetic,
-                 "n_samples": len(samples.meta), "class_names": samples.class_names,
-                 "excluded": samples.excluded},
-        "timings": {"data_s": t_data, "federated_s": time.perf_counter() - t0 - t_data},
-        "environment": {"python": platform.python_version(), "machine": platform.machine()},
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    timings = {"data_s": t_data, "federated_s": time.perf_counter() - t0 - t_data}
+    results = write_federated_results(cfg, samples, fed, timings, out_dir, transport="flower")
     torch.save({"global": run.global_weights, "entries": run.entry_names},
                out_dir / "global_model.pt")
-    federated_tables(samples, fed, predictions, out_dir)
-    log_wandb_federated(cfg, out_dir, results, transport="flower")
     return results
 
 

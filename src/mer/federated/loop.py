@@ -348,13 +348,20 @@ class FederatedRun:
                 faults["failed"].append(name)
                 self.failures.append({"round": rnd, "client": name, "error": repr(e)})
                 continue
-            if self.faults.deadline_s is not None and update.seconds > self.faults.deadline_s:
-                log.warning("round %d: client %s missed the %.3g s deadline (%.3g s)", rnd,
-                            name, self.faults.deadline_s, update.seconds)
-                faults["late"].append(name)
+            if self.is_late(rnd, update, faults):
                 continue
             updates.append(update)
         return updates, faults
+
+    def is_late(self, rnd: int, update: ClientUpdate, faults: dict) -> bool:
+        """Past ``faults.deadline_s``: the update is discarded, logged and counted late."""
+        deadline = self.faults.deadline_s
+        if deadline is None or update.seconds <= deadline:
+            return False
+        log.warning("round %d: client %s missed the %.3g s deadline (%.3g s)", rnd,
+                    update.name, deadline, update.seconds)
+        faults["late"].append(update.name)
+        return True
 
     def round(self, rnd: int) -> dict:
         """One round: local training at the selected clients, checks, aggregation, server step.
