@@ -153,6 +153,7 @@ class FederatedRun:
         self.curves: list[dict] = []
         self.stats: list[dict] = []
         self.checkpoint = Path(checkpoint_dir) / "federated_state.pt" if checkpoint_dir else None
+        self._recipe: str | None = None
 
     def _setup_privacy(self, privacy_cfg: DictConfig | None) -> None:
         """``privacy``: none | ckks | secagg (secure aggregation), dp (DP-SGD at each client,
@@ -479,7 +480,13 @@ class FederatedRun:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def recipe_key(self) -> str:
-        """Hash of everything that shapes the run (not resume/progress/logging/paths)."""
+        """Hash of everything that shapes the run (not resume/progress/logging/paths);
+        computed once, as neither config nor partition changes during a run."""
+        if self._recipe is None:
+            self._recipe = self._hash_recipe()
+        return self._recipe
+
+    def _hash_recipe(self) -> str:
         cfg = OmegaConf.to_container(self.cfg, resolve=True)
         for key in ("resume", "progress", "logger", "paths", "hydra"):
             cfg.pop(key, None)

@@ -166,6 +166,19 @@ def _run(tasks: list[tuple], workers: int) -> Generator[tuple[int, np.ndarray | 
         yield from pool.imap(_compute, tasks, chunksize=chunk)
 
 
+def frame_sha256(path: str, sample: str, shas: dict[str, str]) -> str:
+    """sha256 of a frame file, memoised in ``shas``; PreprocessError naming the sample when
+    the file cannot be read."""
+    if path not in shas:
+        try:
+            shas[path] = file_sha256(path)
+        except OSError as exc:
+            raise PreprocessError(f"{sample}: cannot read frame file {path!r} "
+                                  f"({exc.strerror or exc}); check the database root and the "
+                                  "sample's frame numbers") from exc
+    return shas[path]
+
+
 def flow_images(
     table: pd.DataFrame,
     params: FlowParams,
@@ -210,15 +223,6 @@ def flow_images(
             raise PreprocessError(message)
         errors[pos] = message
 
-    def sha(path: str, sample: str) -> str:
-        if path not in shas:
-            try:
-                shas[path] = file_sha256(path)
-            except OSError as exc:
-                raise PreprocessError(f"{sample}: cannot read frame file {path!r} "
-                                      f"({exc.strerror or exc}); check the database root and the "
-                                      "sample's frame numbers") from exc
-        return shas[path]
 
     params_key = params.key()
     columns = [TextColumn("[bold]flow images"), BarColumn(), MofNCompleteColumn(),
@@ -231,7 +235,8 @@ def flow_images(
             onset_path, apex_path = str(row["onset_path"]), str(row["apex_path"])
             if cache is not None:
                 try:
-                    keys[pos] = cache_key(sha(onset_path, sample), sha(apex_path, sample),
+                    keys[pos] = cache_key(frame_sha256(onset_path, sample, shas),
+                                          frame_sha256(apex_path, sample, shas),
                                           params_key)
                 except PreprocessError as exc:
                     fail(pos, str(exc))

@@ -38,9 +38,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mer.data.preprocess.align import alignment_matrix, resize_points, transform_points, warp
 from mer.data.preprocess.apex import estimate_apex, frame_path
-from mer.data.preprocess.cache import FlowCache, cache_key, file_sha256
+from mer.data.preprocess.cache import FlowCache, cache_key
 from mer.data.preprocess.flow import METHODS, compute_flow, to_grey
-from mer.data.preprocess.pipeline import ON_ERROR, PreprocessError, minmax_normalise
+from mer.data.preprocess.pipeline import (
+    ON_ERROR,
+    PreprocessError,
+    frame_sha256,
+    minmax_normalise,
+)
 from mer.data.preprocess.strain import optical_strain
 
 STAGES = ("read", "face", "align", "apex", "magnify", "flow", "post")
@@ -376,16 +381,7 @@ def _run(tasks: list[tuple], workers: int) -> Generator[tuple[int, dict | None, 
 def entry_key(row: dict[str, Any], params: PrepareParams, shas: dict[str, str]) -> str:
     """Cache key of a clip: sha256 of the frames it uses + the parameters + VERSION."""
     sample = describe(row)
-    digests = []
-    for _, path in clip_frames(row, params):
-        if path not in shas:
-            try:
-                shas[path] = file_sha256(path)
-            except OSError as exc:
-                raise PreprocessError(f"{sample}: cannot read frame file {path} "
-                                      f"({exc.strerror or exc}); check the database root and "
-                                      "the sample's frame numbers") from exc
-        digests.append(shas[path])
+    digests = [frame_sha256(path, sample, shas) for _, path in clip_frames(row, params)]
     rest = hashlib.sha256("".join(digests[1:]).encode()).hexdigest()
     return cache_key(digests[0], rest, params.key(), version="prepare-" + VERSION)
 
