@@ -12,7 +12,7 @@ serialisation) is the reference. Target: mer's CKKS round <= 1.5x the raw figure
 protection, DP-SGD, secure aggregation of 3 clients) and loss-threshold membership inference
 (with and without DP-SGD), on SynME-like flows (:func:`synthetic_me_flows`).
 
-    python scripts/bench_privacy.py --clients 3 5 --repeats 3 --attacks --json
+    python scripts/bench_privacy.py --clients 3 5 --attacks --json
 """
 
 from __future__ import annotations
@@ -50,68 +50,61 @@ def c_stdout_to_stderr():
         os.close(saved)
 
 
-def timed(fn, repeats: int):
-    """(result of the last call, median seconds over ``repeats`` calls)."""
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return out, float(np.median(times))
+def scheme_round(agg, ids, results) -> tuple[tuple[float, float, float], dict, list]:
+    """One secure-aggregation round: (seconds for all client payloads, the server's sum, the
+    finish), the payloads, and the mean."""
+    t0 = time.perf_counter()
+    sent = {c: agg.client_payload(c, w, n) for c, (w, n) in zip(ids, results)}
+    t1 = time.perf_counter()
+    total = agg.server_sum(sent)
+    t2 = time.perf_counter()
+    mean = agg.finish(total, ids)
+    t3 = time.perf_counter()
+    return (t1 - t0, t2 - t1, t3 - t2), sent, mean
 
 
-def bench_scheme(agg, global_w, results, repeats: int) -> dict:
+def raw_tenseal_round(ctx, vecs) -> tuple[float, float, float]:
+    """TenSEAL alone, no serialisation: encrypt K flat vectors, add them, decrypt once ->
+    (encrypt, add, decrypt) seconds."""
+    import tenseal as ts
+
+    t0 = time.perf_counter()
+    enc = [ts.ckks_vector(ctx, v) for v in vecs]
+    t1 = time.perf_counter()
+    acc = enc[0]
+    for e in enc[1:]:
+        acc = acc + e
+    t2 = time.perf_counter()
+    acc.decrypt()
+    t3 = time.perf_counter()
+    return t1 - t0, t2 - t1, t3 - t2
+
+
+def summarise(agg_times, sent, mean, results) -> dict:
     from mer.federated.aggregators import fedavg
 
-    ids = [f"lab{k}" for k in range(len(results))]
-    agg.begin_round(1, ids, global_w)
-
-    def payloads():
-        return {c: agg.client_payload(c, w, n) for c, (w, n) in zip(ids, results)}
-
-    sent, t_clients = timed(payloads, repeats)
-    total, t_server = timed(lambda: agg.server_sum(sent), repeats)
-    mean, t_finish = timed(lambda: agg.finish(total, ids), repeats)
+    cl, sv, fin = (float(np.median(c)) for c in zip(*agg_times))
     expected = fedavg(results)
     err = max(float(np.abs(np.asarray(a, np.float64) - b).max()) for a, b in zip(mean, expected))
     plain = sum(a.nbytes for a in results[0][0])
-    return {"client_s_per_client": t_clients / len(ids), "server_s": t_server,
-            "finish_s": t_finish, "round_s": t_clients + t_server + t_finish,
-            "payload_bytes": len(next(iter(sent.values()))), "plaintext_bytes": plain,
-            "expansion": len(next(iter(sent.values()))) / plain, "max_abs_error": err}
-
-
-def bench_raw_tenseal(params, size: int, k: int, repeats: int) -> dict:
-    """TenSEAL alone: encrypt K flat vectors of ``size`` values, add them, decrypt once."""
-    import tenseal as ts
-
-    from mer.privacy.encrypted import make_context
-
-    ctx = make_context(params)
-    rng = np.random.default_rng(0)
-    vecs = [rng.standard_normal(size) for _ in range(k)]
-
-    def one_round():
-        t0 = time.perf_counter()
-        enc = [ts.ckks_vector(ctx, v) for v in vecs]
-        t1 = time.perf_counter()
-        acc = enc[0]
-        for e in enc[1:]:
-            acc = acc + e
-        t2 = time.perf_counter()
-        acc.decrypt()
-        t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2
-
-    with c_stdout_to_stderr():
-        runs = [one_round() for _ in range(repeats)]
-    enc_s, add_s, dec_s = (float(np.median(c)) for c in zip(*runs))
-    return {"encrypt_s_total": enc_s, "add_s": add_s, "decrypt_s": dec_s,
-            "round_s": enc_s + add_s + dec_s}
+    payload = len(next(iter(sent.values())))
+    return {"client_s_per_client": cl / len(results), "server_s": sv, "finish_s": fin,
+            "round_s": float(np.median([sum(t) for t in agg_times])),
+            "payload_bytes": payload, "plaintext_bytes": plain, "expansion": payload / plain,
+            "max_abs_error": err}
 
 
 def bench_aggregation(models: list[str], clients: list[int], repeats: int) -> list[dict]:
-    from mer.privacy.encrypted import CKKSAggregation, CKKSParams
+    """Per model and client count: CKKS and masking rounds, and the raw TenSEAL reference.
+
+    The CKKS round and the raw round alternate, so that both see the same machine load (on a
+    shared machine, timings taken minutes apart differ by more than the overhead measured);
+    the ratio is the median of the per-repeat ratios. One untimed warm-up of each first: first
+    calls pay one-off allocations that a federation pays once.
+    """
+    import tenseal as ts
+
+    from mer.privacy.encrypted import CKKSAggregation, CKKSParams, make_context
     from mer.privacy.secagg import MaskedAggregation
 
     rows = []
@@ -123,12 +116,33 @@ def bench_aggregation(models: list[str], clients: list[int], repeats: int) -> li
             results = [([(a + 0.01 * rng.standard_normal(a.shape)).astype(a.dtype)
                          if np.issubdtype(a.dtype, np.floating) else a.copy() for a in global_w],
                         int(rng.integers(20, 200))) for _ in range(k)]
+            ids = [f"lab{j}" for j in range(k)]
             params = CKKSParams()
-            ckks = bench_scheme(CKKSAggregation(params), global_w, results, repeats)
-            raw = bench_raw_tenseal(params, size + 1, k, repeats)
-            ckks["vs_raw_tenseal"] = ckks["round_s"] / raw["round_s"]
-            secagg = bench_scheme(MaskedAggregation(), global_w, results, repeats)
-            rows.append({"model": name, "params": size, "clients": k, "ckks": ckks,
+            ckks = CKKSAggregation(params)
+            ckks.begin_round(1, ids, global_w)
+            raw_ctx = make_context(params)
+            vecs = [rng.standard_normal(size + 1) for _ in range(k)]
+            ckks_times, raw_times = [], []
+            with c_stdout_to_stderr():
+                scheme_round(ckks, ids, results), raw_tenseal_round(raw_ctx, vecs)
+                for _ in range(repeats):
+                    times, sent, mean = scheme_round(ckks, ids, results)
+                    ckks_times.append(times)
+                    raw_times.append(raw_tenseal_round(raw_ctx, vecs))
+            row_ckks = summarise(ckks_times, sent, mean, results)
+            enc_s, add_s, dec_s = (float(np.median(c)) for c in zip(*raw_times))
+            raw = {"encrypt_s_total": enc_s, "add_s": add_s, "decrypt_s": dec_s,
+                   "round_s": float(np.median([sum(t) for t in raw_times])),
+                   "tenseal": ts.__version__}
+            row_ckks["vs_raw_tenseal"] = float(np.median(
+                [sum(a) / sum(b) for a, b in zip(ckks_times, raw_times)]))
+            masked = MaskedAggregation()
+            masked.begin_round(1, ids, global_w)
+            scheme_round(masked, ids, results)
+            mask_runs = [scheme_round(masked, ids, results) for _ in range(repeats)]
+            secagg = summarise([r[0] for r in mask_runs], mask_runs[-1][1], mask_runs[-1][2],
+                               results)
+            rows.append({"model": name, "params": size, "clients": k, "ckks": row_ckks,
                          "raw_tenseal": raw, "secagg": secagg})
     return rows
 
@@ -188,7 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["ststnet", "dpk_gat"])
     parser.add_argument("--clients", nargs="+", type=int, default=[3, 5])
-    parser.add_argument("--repeats", type=int, default=3, help="timings: median of this many")
+    parser.add_argument("--repeats", type=int, default=20, help="timings: median of this many")
     parser.add_argument("--attacks", action="store_true", help="also run the attacks")
     parser.add_argument("--attack-samples", type=int, default=6)
     parser.add_argument("--attack-steps", type=int, default=300)

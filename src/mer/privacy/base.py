@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,6 +32,16 @@ class Layout:
 
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[np.dtype, ...]
+    sizes: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    rounded: tuple[bool, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Computed once: layouts are consulted on every payload and decode of every round.
+        object.__setattr__(self, "sizes", tuple(int(np.prod(s, dtype=np.int64))
+                                                for s in self.shapes))
+        object.__setattr__(self, "rounded", tuple(
+            bool(np.issubdtype(d, np.integer) or np.issubdtype(d, np.bool_))
+            for d in self.dtypes))
 
     @classmethod
     def of(cls, weights: Weights) -> Layout:
@@ -41,7 +51,7 @@ class Layout:
     @property
     def size(self) -> int:
         """Number of scalars in the model (not counting the example-count slot)."""
-        return int(sum(np.prod(s, dtype=np.int64) for s in self.shapes))
+        return sum(self.sizes)
 
     def check(self, weights: Weights, who: str) -> None:
         shapes = tuple(np.shape(a) for a in weights)
@@ -61,12 +71,10 @@ def unflatten(flat: np.ndarray, layout: Layout) -> Weights:
     if flat.shape != (layout.size,):
         raise ValueError(f"unflatten: {flat.shape} values for a model of {layout.size}")
     out, start = [], 0
-    for shape, dtype in zip(layout.shapes, layout.dtypes):
-        size = int(np.prod(shape, dtype=np.int64))
+    for shape, dtype, size, rounded in zip(layout.shapes, layout.dtypes, layout.sizes,
+                                           layout.rounded):
         part = flat[start:start + size].reshape(shape)
-        if np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.bool_):
-            part = np.rint(part)
-        out.append(part.astype(dtype))
+        out.append((np.rint(part) if rounded else part).astype(dtype))
         start += size
     return out
 

@@ -38,7 +38,7 @@ from mer.privacy.base import SecureAggregation, Weights, weighted_vector
 
 def _pack(chunks: list[bytes]) -> bytes:
     """Frame serialised chunks as one payload: per chunk an 8-byte length, then the bytes."""
-    return b"".join(struct.pack("<Q", len(c)) + c for c in chunks)
+    return b"".join(part for c in chunks for part in (struct.pack("<Q", len(c)), c))
 
 
 def _unpack(payload: bytes) -> list[bytes]:
@@ -147,9 +147,10 @@ class CKKSAggregation(SecureAggregation):
         x = weighted_vector(weights, n)
         data_bits = sum(self.params.coeff_mod_bit_sizes[:-1])
         bound = 2.0 ** (data_bits - self.params.scale_bits - 1) / len(self.round_clients)
-        if np.abs(x).max() >= bound:
+        peak = float(np.abs(x).max())
+        if peak >= bound:
             raise OverflowError(
-                f"ckks: client {client_id!r}: |n * w| reaches {np.abs(x).max():.3g}, beyond "
+                f"ckks: client {client_id!r}: |n * w| reaches {peak:.3g}, beyond "
                 f"the range {bound:.3g} of coeff_mod_bit_sizes="
                 f"{list(self.params.coeff_mod_bit_sizes)}, scale_bits={self.params.scale_bits}"
                 f" with {len(self.round_clients)} clients; add a data prime (e.g. [60, 40, "
