@@ -29,6 +29,7 @@ class MemoryGrid:
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
                                     run_config={}) for n in nodes}
         self.sent: list[tuple[str, int]] = []
+        self.received: list[tuple[str, int, Message]] = []  # what reached the server
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -45,6 +46,7 @@ class MemoryGrid:
                 replies.append(flower_app.client_app(msg, self.contexts[node]))
             except Exception as e:  # a SuperNode answers with an error reply
                 replies.append(Message(Error(code=1, reason=repr(e)), reply_to=msg))
+            self.received.append((msg.metadata.message_type, node, replies[-1]))
         TaskIdentity.node_id = 0
         return replies
 
@@ -56,10 +58,13 @@ def memory_flower(monkeypatch):
     nodes: dict[int, flower_app.Node] = {}
     monkeypatch.setattr(flower_app, "node_from_context", lambda ctx: nodes[ctx.node_id])
 
-    def build(cfg, samples):
+    def build(cfg, samples, node_cfg=None):
+        """``node_cfg``: the labs' config where it differs from the server's (key files)."""
+        node_cfg = node_cfg or cfg
         clients = make_clients(cfg, samples)
         for k, c in enumerate(clients):  # each node: its own FederatedRun of the same config
-            nodes[101 + k] = flower_app.Node(cfg, FederatedRun(cfg, samples, clients), c, k)
+            nodes[101 + k] = flower_app.Node(node_cfg, FederatedRun(node_cfg, samples, clients),
+                                             c, k)
         grid = MemoryGrid(nodes)
         run = flower_app.FlowerRun(cfg, samples, clients, grid=grid, round_timeout_s=1,
                                    connect_timeout_s=1)
@@ -134,14 +139,96 @@ def test_a_client_without_a_supernode_stops_the_start(memory_flower, monkeypatch
         memory_flower(fed_cfg(), toy_samples())
 
 
-def test_secure_aggregation_is_refused_over_flower(memory_flower):
+CKKS = {"name": "ckks", "poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 60],
+        "scale_bits": 40, "chunk_size": 4096, "symmetric": True, "n_threads": 0}
+SECAGG = {"name": "secagg", "mask_bits": 64, "frac_bits": 24, "min_survivors": 2}
+
+
+def _with_privacy(cfg, privacy: dict):
     from omegaconf import OmegaConf, open_dict
 
-    cfg = fed_cfg()
+    cfg = cfg.copy()
     with open_dict(cfg):
-        cfg.privacy = OmegaConf.create({"name": "secagg"})
-    with pytest.raises(ValueError, match="not wired into the Flower apps"):
-        memory_flower(cfg, toy_samples())
+        cfg.privacy = OmegaConf.create(privacy)
+    return cfg
+
+
+def _key_configs(cfg, tmp_path):
+    """(server config, labs' config) under ckks, with one key pair written to tmp_path."""
+    from mer.privacy.encrypted import CKKSParams, write_key_files
+
+    secret, public = write_key_files(CKKSParams(), tmp_path)
+    return (_with_privacy(cfg, {**CKKS, "public_context": str(public)}),
+            _with_privacy(cfg, {**CKKS, "secret_context": str(secret)}))
+
+
+@pytest.mark.parametrize("scheme", ["ckks", "secagg"])
+def test_secure_aggregation_over_flower_gives_the_in_process_run(memory_flower, tmp_path,
+                                                                   scheme):
+    """P-FedProx under ckks / secagg through the messages == the in-process secure loop;
+    no train reply carries a model, and the personalised models stay on their nodes."""
+    samples = toy_samples(learnable=True)
+    cfg = fed_cfg(seed=1, **RULES["pfedprox"])
+    server_cfg, node_cfg = _key_configs(cfg, tmp_path) if scheme == "ckks" \
+        else (_with_privacy(cfg, SECAGG),) * 2
+    flower, grid = memory_flower(server_cfg, samples, node_cfg)
+    flower.run_rounds()
+    local = _in_process(node_cfg, samples)
+    for a, b in zip(flower.global_weights, local.global_weights):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert any(not np.allclose(a, b) for a, b in zip(flower.global_weights,
+                                                      flower.initial_weights))
+    for kind in ("pooled_global", "pooled_personalised"):
+        assert [c[kind]["uf1"] for c in flower.curves] == \
+            pytest.approx([c[kind]["uf1"] for c in local.curves], abs=0.05)
+    kinds = [k for k, _ in grid.sent]
+    assert kinds.count("train") == kinds.count("query.secure_finish") == 3 * 2
+    assert kinds.count("query.secure_keys") == (3 * 2 if scheme == "secagg" else 0)
+    # what reached the server from training: protected bytes, never a model or its count
+    trained = [(node, reply.content) for kind, node, reply in grid.received if kind == "train"]
+    assert len(trained) == 6
+    for node, content in trained:
+        assert "arrays" not in content and "num-examples" not in content["metrics"]
+        payload = bytes(content["secure"]["payload"])
+        sent = np.concatenate([a.ravel() for a in
+                               grid.contexts[node].state["sent"].to_numpy_ndarrays()])
+        for dtype in (np.float32, np.float64):
+            assert sent[:8].astype(dtype).tobytes() not in payload
+    for name, node in flower.nodes.items():  # P-FedProx models: made and kept by each node
+        assert isinstance(flower.state[name].personal, flower_app.KeptOnNode)
+        mine = grid.contexts[node].state["personal"].to_numpy_ndarrays()
+        for a, b in zip(mine, local.state[name].personal):
+            np.testing.assert_allclose(a.reshape(b.shape), b, rtol=0, atol=1e-5)
+
+
+def test_secagg_over_flower_recovers_a_client_lost_after_the_key_exchange(memory_flower):
+    """db0 publishes its key, then fails in training: the survivors' masks with it do not
+    cancel; they reveal those seeds (only those) and the round still gives the survivors'
+    FedAvg, as in-process."""
+    samples = toy_samples(learnable=True)
+    cfg = _with_privacy(fed_cfg(seed=2, faults={"crash": [{"client": "db0", "round": 1}]}),
+                        SECAGG)
+    flower, grid = memory_flower(cfg, samples)
+    flower.run_rounds()
+    r1, r2 = flower.stats
+    assert r1["failed"] == ["db0"] and r1["clients"] == ["db1", "db2"]
+    assert r2["failed"] == [] and r2["clients"] == ["db0", "db1", "db2"]
+    reveals = [(node, reply.content["secure"]) for kind, node, reply in grid.received
+               if kind == "query.secure_reveal"]
+    assert sorted(node for node, _ in reveals) == [102, 103]  # round 1 only, the survivors
+    assert all(set(seeds) == {"db0"} for _, seeds in reveals)
+    local = _in_process(cfg, samples)
+    for a, b in zip(flower.global_weights, local.global_weights):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_the_flower_server_must_hold_only_the_public_ckks_context(memory_flower, tmp_path):
+    cfg = fed_cfg()
+    _, node_cfg = _key_configs(cfg, tmp_path)
+    with pytest.raises(PermissionError, match="only privacy.public_context"):
+        memory_flower(node_cfg, toy_samples())
+    with pytest.raises(ValueError, match="python -m mer.privacy.keys"):
+        memory_flower(_with_privacy(cfg, CKKS), toy_samples())
 
 
 def test_compose_config_refuses_a_config_without_federated():

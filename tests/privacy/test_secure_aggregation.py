@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mer.federated import aggregators
-from mer.privacy.base import Layout, flatten, personalise_from_sum
+from mer.privacy.base import Layout, flatten, mean_from_sum, personalise_from_sum
 from mer.privacy.encrypted import CKKSAggregation, CKKSParams, decrypt
 from mer.privacy.secagg import MaskedAggregation, MaskParams, decode_fixed, encode_fixed
 
@@ -168,3 +168,80 @@ def test_ckks_refuses_values_beyond_its_range():
     big = [a * 1e4 if a.dtype.kind == "f" else a for a in results[0][0]]
     with pytest.raises(OverflowError, match="data prime"):
         agg.client_payload("lab0", big, 100)
+
+
+def test_ckks_key_files_give_each_party_only_its_role(tmp_path, capsys):
+    """``python -m mer.privacy.keys``: labs encrypt and decrypt with the secret file, the
+    server (public file alone) only adds, and each file refuses the other role."""
+    from mer.privacy import keys
+    from mer.privacy.encrypted import PUBLIC_FILE, SECRET_FILE, load_context
+
+    keys.main(["--out", str(tmp_path)])
+    secret, public = tmp_path / SECRET_FILE, tmp_path / PUBLIC_FILE
+    assert f"privacy.public_context={public}" in capsys.readouterr().out
+    assert secret.stat().st_mode & 0o077 == 0  # the owner's only
+    ids, results = clients(k=3, seed=7)
+    lab = CKKSAggregation(CKKSParams(secret_context=str(secret)))
+    server = CKKSAggregation(CKKSParams(public_context=str(public)))
+    assert server.client_context is None and not server.server_context.is_private()
+    for party in (lab, server):
+        party.begin_round(1, ids, results[0][0])
+    payloads = {c: lab.client_payload(c, w, n) for c, (w, n) in zip(ids, results)}
+    mean = lab.finish(server.server_sum(payloads), ids)
+    for a, b in zip(mean, aggregators.fedavg(results)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    with pytest.raises(PermissionError, match="holds no secret key"):
+        server.client_payload(ids[0], *results[0])
+    with pytest.raises(PermissionError, match="holds no secret key"):
+        server.finish(server.server_sum(payloads), ids)
+    with pytest.raises(PermissionError, match="holds the secret key"):
+        load_context(secret, private=False)
+    with pytest.raises(ValueError, match="holds no secret key"):
+        load_context(public, private=True)
+    with pytest.raises(FileNotFoundError, match="python -m mer.privacy.keys"):
+        load_context(tmp_path / "missing.ctx", private=True)
+    # another federation's key: its payloads do not decrypt to this sum
+    other = CKKSAggregation(CKKSParams())
+    other.begin_round(1, ids, results[0][0])
+    wrong, _ = lab.decode_sum(other.server_sum(
+        {c: other.client_payload(c, w, n) for c, (w, n) in zip(ids, results)}), ids)
+    right, _ = lab.decode_sum(server.server_sum(payloads), ids)
+    assert not np.allclose(wrong, right, atol=1e-3)
+
+
+def test_secagg_parties_on_separate_nodes_with_revealed_seeds():
+    """The Flower split of secagg: each lab holds only its own party (key kept as bytes
+    between messages), the server none; a lab lost after the key exchange is recovered with
+    the seeds the survivors reveal."""
+    from mer.privacy.secagg import MaskingParty
+
+    ids, results = clients(k=3, seed=8)
+    template = results[0][0]
+    parties = {c: MaskingParty(c, 5) for c in ids}
+    public = {c: p.public_key() for c, p in parties.items()}
+    labs = {}
+    for c in ids:
+        lab = MaskedAggregation()
+        restored = MaskingParty(c, 5, parties[c].private_bytes())  # from the node's store
+        lab.begin_client_round(5, ids, template, restored, public)
+        labs[c] = lab
+    lost = ids[0]  # publishes its key, then never sends
+    payloads = {c: labs[c].client_payload(c, w, n)
+                for c, (w, n) in zip(ids, results) if c != lost}
+    server = MaskedAggregation()
+    server.begin_server_round(5, ids, template)
+    with pytest.raises(ValueError, match="no secrets of client"):
+        server.client_payload(ids[1], *results[1])
+    total = server.server_sum(payloads)
+    survivors = list(payloads)
+    revealed = {s: labs[s].reveal(s, [lost]) for s in survivors}
+    assert all(set(r) == {lost} for r in revealed.values())
+    flat, count = server.decode_sum(total, survivors, revealed=revealed)
+    expected = aggregators.fedavg(results[1:])
+    for a, b in zip(mean_from_sum(flat, count, server.layout, "test"), expected):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="revealed no seed"):
+        server.decode_sum(total, survivors, revealed={survivors[0]: revealed[survivors[0]]})
+    with pytest.raises(ValueError, match="public keys missing"):
+        MaskedAggregation().begin_client_round(5, ids, template, parties[lost],
+                                               {lost: public[lost]})

@@ -42,8 +42,10 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, open_dict
 
 from mer.data.samples import FlowSamples
+from mer.federated import aggregators
 from mer.federated.loop import ClientState, ClientUpdate, FederatedRun, Weights, make_clients
 from mer.federated.partition import ClientData
+from mer.privacy.base import Layout, mean_from_sum, personalise_from_sum
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
@@ -162,8 +164,11 @@ def train(msg: Message, context: Context) -> Message:
     run.global_weights = received(msg.content, "global")
     if "server_control" in msg.content:
         run.server_control = received(msg.content, "server_control")
-    run.state[name] = ClientState(personal=received(msg.content, "personal"),
-                                  last=received(kept, "last"), control=received(kept, "control"))
+    # P-FedProx: the server sends the personalised model; under secure aggregation only the
+    # node has it (made here from the decoded sum, see ``secure_finish``)
+    run.state[name] = ClientState(
+        personal=received(msg.content, "personal") or received(kept, "personal"),
+        last=received(kept, "last"), control=received(kept, "control"))
     if name in run.client_privacy:  # DP-SGD: this client's accountant, kept on the node
         run.client_privacy[name].accountant.history = _history(kept)
     anchor = list(run._module(run.global_weights).net.parameters()) if run.fed.mu else None
@@ -172,10 +177,14 @@ def train(msg: Message, context: Context) -> Message:
     kept["last"] = _arrays(state.last)
     if state.control is not None:
         kept["control"] = _arrays(state.control)
-    content = RecordDict({
-        "arrays": _arrays(update.weights),
-        "metrics": MetricRecord({"num-examples": update.num_examples, "steps": update.steps,
-                                 "seconds": update.seconds, "work": update.work})})
+    if run.secure is not None:
+        content = protected_reply(run, kept, conf, msg.content, update)
+    else:
+        content = RecordDict({
+            "arrays": _arrays(update.weights),
+            "metrics": MetricRecord({"num-examples": update.num_examples,
+                                     "steps": update.steps, "seconds": update.seconds,
+                                     "work": update.work})})
     if update.control_delta is not None:
         content["control_delta"] = _arrays(update.control_delta)
     if name in run.client_privacy:
@@ -201,11 +210,134 @@ def evaluate(msg: Message, context: Context) -> Message:
     n = int(msg.content["config"]["models"])
     last = context.state.get("last")
     run.state[name].last = _weights(last, run.initial_weights) if last is not None else None
-    probs = [run.predict(run._for_client(_weights(msg.content[f"model-{i}"],
-                                                  run.initial_weights), name), node.client)
-             for i in range(n)]
+
+    def model(i: int) -> Weights:  # sent, or (secure P-FedProx) this node's personal model
+        if f"model-{i}" in msg.content:
+            return _weights(msg.content[f"model-{i}"], run.initial_weights)
+        if "personal" not in context.state:
+            raise RuntimeError(f"model {i} is the personal model kept on this node, and "
+                               f"client {name!r} has none (node restarted?)")
+        return _weights(context.state["personal"], run.initial_weights)
+
+    probs = [run.predict(run._for_client(model(i), name), node.client) for i in range(n)]
     return Message(RecordDict({"probs": ArrayRecord([p.astype(np.float32) for p in probs])}),
                    reply_to=msg)
+
+
+# -- node side of secure aggregation (privacy=ckks | secagg) ----------------------------------
+#
+# ckks: the node encrypts ``[n w, n]`` with the lab's secret context (privacy.secret_context);
+# the server adds ciphertexts under the public one and sends the sum back to the survivors,
+# who decrypt it (``secure_finish``): one returns the mean, each makes its P-FedProx model.
+# secagg: ``secure_keys`` makes the node's X25519 key for the round (the private half stays
+# in ``context.state``); the train message relays everyone's public key; the node masks;
+# if clients dropped after that, ``secure_reveal`` gives the server the survivors' seeds with
+# the dropped clients only. Example counts travel inside the protected vector.
+
+
+def protected_reply(run: FederatedRun, kept: RecordDict, conf: ConfigRecord,
+                    records: RecordDict, update: ClientUpdate) -> RecordDict:
+    """The train reply under secure aggregation: the protected ``[n w, n]``, never ``w``."""
+    from mer.privacy.encrypted import CKKSAggregation
+    from mer.privacy.secagg import MaskedAggregation, MaskingParty
+
+    name, rnd = update.name, int(conf["round"])
+    if isinstance(run.secure, CKKSAggregation) and not run.secure.params.secret_context:
+        raise ValueError(f"client {name!r}: privacy=ckks over Flower needs this lab's copy "
+                         "of the federation's secret context: add privacy.secret_context="
+                         "PATH to the SuperNode's overrides (python -m mer.privacy.keys)")
+    metrics = MetricRecord({"steps": update.steps, "seconds": update.seconds,
+                            "work": update.work})
+    _, excluded = aggregators.check_updates([(update.weights, update.num_examples)], [name],
+                                            run.global_weights)
+    if excluded:  # the node checks its own update: the server could not
+        return RecordDict({"metrics": metrics,
+                           "secure": ConfigRecord({"excluded": excluded[name]})})
+    ids = [str(c) for c in conf["round-clients"]]
+    if isinstance(run.secure, MaskedAggregation):
+        secret = kept.get("secure")
+        if secret is None or int(secret["round"]) != rnd:
+            raise RuntimeError(f"client {name!r} has no secagg key for round {rnd} (node "
+                               "restarted between the key exchange and training?)")
+        party = MaskingParty(name, rnd, bytes(secret["key"]))
+        peers = {str(k): bytes(v) for k, v in records["peers"].items()}
+        run.secure.begin_client_round(rnd, ids, run.global_weights, party, peers)
+        kept["peers"] = ConfigRecord(peers)  # for the dropout recovery, from this node's copy
+    else:
+        run.secure.begin_round(rnd, ids, run.global_weights)
+    payload = run.secure.client_payload(name, update.weights, update.num_examples)
+    kept["sent"] = _arrays(update.weights)  # what went into the sum, for P-FedProx
+    kept["sent-n"] = ConfigRecord({"round": rnd, "n": update.num_examples})
+    return RecordDict({"metrics": metrics, "secure": ConfigRecord({"payload": payload})})
+
+
+@client_app.query("secure_keys")
+def secure_keys(msg: Message, context: Context) -> Message:
+    """secagg: a fresh X25519 key pair for this round; the public half goes to the server."""
+    from mer.privacy.secagg import MaskingParty
+
+    node = node_from_context(context)
+    rnd = int(msg.content["config"]["round"])
+    party = MaskingParty(node.client.name, rnd)
+    context.state["secure"] = ConfigRecord({"round": rnd, "key": party.private_bytes()})
+    return Message(RecordDict({"secure": ConfigRecord({"public-key": party.public_key()})}),
+                   reply_to=msg)
+
+
+@client_app.query("secure_reveal")
+def secure_reveal(msg: Message, context: Context) -> Message:
+    """secagg dropout recovery: this node's seeds with the clients the server says dropped
+    (never with survivors), if enough survivors remain for the sum to hide each of them."""
+    from mer.privacy.secagg import MaskingParty
+
+    node = node_from_context(context)
+    conf, kept, name = msg.content["config"], context.state, node.client.name
+    rnd, ids = int(conf["round"]), [str(c) for c in conf["round-clients"]]
+    dropped = [str(c) for c in conf["dropped"]]
+    survivors = len(ids) - len(dropped)
+    if survivors < node.run.secure.params.min_survivors:
+        raise PermissionError(f"client {name!r} refuses to reveal: {survivors} survivor(s) < "
+                              f"min_survivors={node.run.secure.params.min_survivors}")
+    secret = kept.get("secure")
+    if secret is None or int(secret["round"]) != rnd or "peers" not in kept:
+        raise RuntimeError(f"client {name!r} holds no secagg secrets of round {rnd}")
+    party = MaskingParty(name, rnd, bytes(secret["key"]))
+    party.peers = {str(k): bytes(v) for k, v in kept["peers"].items()}
+    return Message(RecordDict({"secure": ConfigRecord(party.reveal(dropped))}), reply_to=msg)
+
+
+@client_app.query("secure_finish")
+def secure_finish(msg: Message, context: Context) -> Message:
+    """The decoded sum reaches the survivors: under ckks this node decrypts it (and returns
+    the mean when asked); under P-FedProx it makes and keeps its personalised model."""
+    node = node_from_context(context)
+    run, kept, conf = node.run, context.state, msg.content["config"]
+    rnd, survivors = int(conf["round"]), [str(c) for c in conf["survivors"]]
+    if "payload" in msg.content["sum"]:  # ckks: still encrypted
+        run.secure.begin_round(rnd, survivors, run.initial_weights)
+        total, count = run.secure.decode_sum(bytes(msg.content["sum"]["payload"]), survivors)
+    else:  # secagg: the server unmasked it already
+        total, count = (a.astype(np.float64) for a in msg.content["sum"].to_numpy_ndarrays())
+        count = float(count[0])
+    layout = Layout.of(run.initial_weights)
+    personalise = run.fed.get("personalise")
+    if personalise:
+        sent = kept.get("sent-n")
+        if sent is None or int(sent["round"]) != rnd:
+            raise RuntimeError(f"client {node.client.name!r} sent nothing in round {rnd}")
+        own = _weights(kept["sent"], run.initial_weights)
+        kept["personal"] = _arrays(personalise_from_sum(
+            own, int(sent["n"]), total, count, layout, own=float(personalise.own)))
+    content = RecordDict({})
+    if bool(conf["mean"]):
+        content["mean"] = _arrays(mean_from_sum(total, count, layout,
+                                                f"round {rnd}: survivors {survivors}"))
+    return Message(content, reply_to=msg)
+
+
+class KeptOnNode:
+    """Stands, on the server, for a client's personalised model that only its node holds
+    (secure aggregation with P-FedProx); evaluate asks the node to use its own."""
 
 
 # -- server side -------------------------------------------------------------------------------
@@ -223,15 +355,28 @@ class FlowerRun(FederatedRun):
                  checkpoint_dir: Path | None = None, *, grid: Grid,
                  round_timeout_s: float = 600.0, connect_timeout_s: float = 120.0) -> None:
         super().__init__(cfg, samples, clients, checkpoint_dir)
-        if self.secure is not None:
-            raise ValueError(
-                f"privacy={self.privacy_name} is not wired into the Flower apps: the "
-                "protected payloads would be made at the server. Run it in-process "
-                "(python -m mer.run), or use privacy=dp / central_dp over Flower.")
+        self._check_server_keys()
         self.grid, self.round_timeout_s = grid, float(round_timeout_s)
         self.nodes = self.connect(float(connect_timeout_s))
         self.lost: list[dict] = []  # (round, client, reason) of missing replies
         self.client_metrics: list[dict] = []  # what each node reported, per round
+
+    def _check_server_keys(self) -> None:
+        """Under ckks the server holds the public context only, from a key file the labs'
+        secret one matches (``python -m mer.privacy.keys``)."""
+        from mer.privacy.encrypted import CKKSAggregation
+
+        if not isinstance(self.secure, CKKSAggregation):
+            return
+        if self.secure.params.secret_context:
+            raise PermissionError("the ServerApp was given the CKKS secret key "
+                                  "(privacy.secret_context): give the server only "
+                                  "privacy.public_context")
+        if not self.secure.params.public_context:
+            raise ValueError("privacy=ckks over Flower needs the federation's key files: make "
+                             "them with python -m mer.privacy.keys --out DIR, then give the "
+                             "server privacy.public_context=DIR/ckks-public.ctx and every lab "
+                             "privacy.secret_context=DIR/ckks-secret.ctx")
 
     def connect(self, timeout_s: float) -> dict[str, int]:
         """Ask connected nodes which client they are until every client has one."""
@@ -303,15 +448,7 @@ class FlowerRun(FederatedRun):
             if self.faults.drops_out(rnd, k):
                 faults["dropped"].append(name)
                 continue
-            content = RecordDict({
-                "config": ConfigRecord({"client": name, "round": rnd, "k": k,
-                                        "crash": self.faults.crashes_now(name, rnd)}),
-                "global": _arrays(self.global_weights)})
-            if self.state[name].personal is not None:
-                content["personal"] = _arrays(self.state[name].personal)
-            if self.rule == "scaffold":
-                content["server_control"] = _arrays(self.server_control)
-            contents[name] = content
+            contents[name] = self._train_content(rnd, k)
         replies = self._exchange(rnd, "train", contents)
         updates = []
         for name, reply in replies.items():
@@ -335,6 +472,135 @@ class FlowerRun(FederatedRun):
         updates.sort(key=lambda u: order.index(u.name))
         return updates, faults
 
+    def _train_content(self, rnd: int, k: int) -> RecordDict:
+        """The train message of client ``k``: the global model and what the loop would start
+        it from (its personalised model, SCAFFOLD's server control)."""
+        name = self.clients[k].name
+        content = RecordDict({
+            "config": ConfigRecord({"client": name, "round": rnd, "k": k,
+                                    "crash": self.faults.crashes_now(name, rnd)}),
+            "global": _arrays(self.global_weights)})
+        personal = self.state[name].personal
+        if personal is not None and not isinstance(personal, KeptOnNode):
+            content["personal"] = _arrays(personal)
+        if self.rule == "scaffold":
+            content["server_control"] = _arrays(self.server_control)
+        return content
+
+    def round(self, rnd: int) -> dict:
+        return super().round(rnd) if self.secure is None else self._secure_round(rnd)
+
+    def _secure_round(self, rnd: int) -> dict:
+        """A round under ckks / secagg: the nodes send protected payloads, the server adds
+        them and gets back only the mean (module notes above ``protected_reply``)."""
+        from mer.privacy.secagg import MaskedAggregation
+
+        t0 = time.perf_counter()
+        faults: dict[str, list] = {"dropped": [], "failed": [], "late": []}
+        chosen = {}
+        for k in self.select_clients(rnd):
+            name = self.clients[k].name
+            if self.faults.drops_out(rnd, k):
+                faults["dropped"].append(name)
+            else:
+                chosen[name] = k
+        masked = isinstance(self.secure, MaskedAggregation)
+        keys: dict[str, bytes] = {}
+        if masked and chosen:
+            asked = {n: RecordDict({"config": ConfigRecord({"round": rnd})}) for n in chosen}
+            for name, reply in self._exchange(rnd, "query.secure_keys", asked).items():
+                if isinstance(reply, Exception):
+                    self._failed(rnd, name, reply, faults)
+                else:
+                    keys[name] = bytes(reply["secure"]["public-key"])
+            chosen = {n: k for n, k in chosen.items() if n in keys}
+        ids = list(chosen)
+        contents = {}
+        for name, k in chosen.items():
+            contents[name] = self._train_content(rnd, k)
+            contents[name]["config"]["round-clients"] = ids
+            if masked:
+                contents[name]["peers"] = ConfigRecord(keys)
+        payloads, updates, excluded = {}, [], {}
+        for name, reply in self._exchange(rnd, "train", contents).items():
+            if isinstance(reply, Exception):
+                self._failed(rnd, name, reply, faults)
+                continue
+            m = reply["metrics"]
+            self.client_metrics.append({"round": rnd, "client": name, **dict(m)})
+            update = ClientUpdate(name, [], 0, int(m["steps"]), float(m["seconds"]),
+                                  float(m["work"]))  # weights and count: inside the payload
+            if self.is_late(rnd, update, faults):
+                continue
+            updates.append(update)
+            if "excluded" in reply["secure"]:
+                excluded[name] = str(reply["secure"]["excluded"])
+                log.warning("round %d: client %s excluded: %s", rnd, name, excluded[name])
+                self.excluded.append({"round": rnd, "client": name, "reason": excluded[name]})
+            else:
+                payloads[name] = bytes(reply["secure"]["payload"])
+        t_clients = time.perf_counter() - t0
+        mean = self._secure_mean(rnd, ids, payloads) if payloads else None
+        if mean is not None:
+            self.global_weights = self.server_opt.step(self.global_weights, mean)
+        else:
+            log.warning("round %d: no aggregate; global model unchanged", rnd)
+        return self._round_record(rnd, updates, excluded, faults, t0, t_clients)
+
+    def _failed(self, rnd: int, name: str, error: Exception, faults: dict) -> None:
+        faults["failed"].append(name)
+        self.failures.append({"round": rnd, "client": name, "error": repr(error)})
+
+    def _secure_mean(self, rnd: int, ids: list[str], payloads: dict[str, bytes]
+                     ) -> Weights | None:
+        """The server's part after the payloads: add them, then (secagg) unmask with the
+        survivors' revealed seeds, or (ckks) have the survivors decrypt; the survivors make
+        their P-FedProx models from the sum. None if the sum cannot be opened."""
+        from mer.privacy.secagg import MaskedAggregation
+
+        survivors = [n for n in ids if n in payloads]
+        total = self.server_sum(payloads)
+        personalise = bool(self.fed.get("personalise"))
+        config = {"round": rnd, "survivors": survivors}
+        if isinstance(self.secure, MaskedAggregation):
+            self.secure.begin_server_round(rnd, ids, self.global_weights)
+            dropped = [n for n in ids if n not in payloads]
+            revealed: dict[str, dict] = {}
+            if dropped:
+                asked = {s: RecordDict({"config": ConfigRecord(
+                    {"round": rnd, "round-clients": ids, "dropped": dropped})})
+                    for s in survivors}
+                for name, reply in self._exchange(rnd, "query.secure_reveal", asked).items():
+                    if isinstance(reply, Exception):
+                        log.warning("round %d: survivor %s revealed no seeds (%s): the masked "
+                                    "sum cannot be opened", rnd, name, reply)
+                        return None
+                    revealed[name] = dict(reply["secure"])
+            flat, count = self.secure.decode_sum(total, survivors, revealed=revealed)
+            mean = mean_from_sum(flat, count, self.secure.layout, f"round {rnd}")
+            if personalise:
+                sums = RecordDict({"config": ConfigRecord({**config, "mean": False}),
+                                   "sum": ArrayRecord([flat, np.array([count])])})
+                self._keep_personal(rnd, self._exchange(rnd, "query.secure_finish",
+                                                        {s: sums for s in survivors}))
+            return mean
+        # ckks: only key holders decrypt; every survivor under P-FedProx, else the first
+        holders = survivors if personalise else survivors[:1]
+        asked = {s: RecordDict({"config": ConfigRecord({**config, "mean": True}),
+                                "sum": ConfigRecord({"payload": total})}) for s in holders}
+        replies = self._exchange(rnd, "query.secure_finish", asked)
+        if personalise:
+            self._keep_personal(rnd, replies)
+        for reply in replies.values():
+            if not isinstance(reply, Exception):
+                return _weights(reply["mean"], self.initial_weights)
+        return None
+
+    def _keep_personal(self, rnd: int, replies: dict) -> None:
+        for name, reply in replies.items():
+            if not isinstance(reply, Exception):
+                self.state[name].personal = KeptOnNode()
+
     def evaluate(self, models: dict | None = None, with_predictions: bool = False) -> dict:
         """The loop's ``evaluate``, with each node predicting its own test split (one message
         per node carrying every model to score). Nodes that do not answer are left out."""
@@ -349,7 +615,8 @@ class FlowerRun(FederatedRun):
         for name, ws in asked.items():
             content = RecordDict({"config": ConfigRecord({"models": len(ws)})})
             for i, w in enumerate(ws):
-                content[f"model-{i}"] = _arrays(w)
+                if not isinstance(w, KeptOnNode):  # else: the node's own personal model
+                    content[f"model-{i}"] = _arrays(w)
             contents[name] = content
         replies = self._exchange(self.round_done + 1, "evaluate", contents)
         self._probs = {name: iter(r["probs"].to_numpy_ndarrays())

@@ -23,7 +23,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -407,6 +407,11 @@ class FederatedRun:
                                     own=float(personalise.own))))
         for name, w in personal.items():
             self.state[name].personal = w
+        return self._round_record(rnd, updates, excluded, faults, t0, t_clients)
+
+    def _round_record(self, rnd: int, updates: list[ClientUpdate], excluded: Iterable[str],
+                      faults: dict, t0: float, t_clients: float) -> dict:
+        """The round's line in ``rounds.csv`` / ``stats``."""
         return {"round": rnd, "clients": [u.name for u in updates], "excluded": sorted(excluded),
                 **faults, "stragglers": [u.name for u in updates if u.work < 1.0],
                 "client_s": t_clients, "server_s": time.perf_counter() - t0 - t_clients,

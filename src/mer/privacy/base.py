@@ -131,9 +131,14 @@ class SecureAggregation(ABC):
     def finish(self, sum_payload: bytes, survivors: Sequence[str]) -> Weights:
         """The example-weighted mean ``sum_k n_k w_k / N`` over the survivors (FedAvg/FedProx)."""
         total, count = self.decode_sum(sum_payload, survivors)
-        if count <= 0.5:
-            raise ValueError(f"{self.name}: the survivors {list(survivors)} hold no examples")
-        return unflatten(total / round(count), self.layout)
+        return mean_from_sum(total, count, self.layout, f"{self.name}: survivors {list(survivors)}")
+
+
+def mean_from_sum(total: np.ndarray, count: float, layout: Layout, who: str) -> Weights:
+    """``sum_k n_k w_k`` (D,) and ``N`` -> the example-weighted mean model."""
+    if count <= 0.5:
+        raise ValueError(f"{who}: the sum holds no examples")
+    return unflatten(total / round(count), layout)
 
 
 def personalise_from_sum(own_weights: Weights, own_n: int, total: np.ndarray, count: float,

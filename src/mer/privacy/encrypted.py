@@ -3,7 +3,10 @@
 Setup (once per federation): the key holder makes a CKKS context with a secret key and shares
 it with the clients over their own secure channels; the server receives the context
 serialised *without* the secret key (``is_private() == False``): enough to load and add
-ciphertexts, not to decrypt them.
+ciphertexts, not to decrypt them. ``python -m mer.privacy.keys --out keys/`` writes the two
+files (:func:`write_key_files`); ``privacy.secret_context`` / ``privacy.public_context`` point
+a lab's and the server's config at them (over Flower). With neither set, an in-process run
+makes a fresh pair.
 
 Each round a client encrypts its vector ``[n_k * w_k, n_k]`` (all layers flattened, D + 1
 values; see :mod:`mer.privacy.base`) in big flat chunks, one CKKS vector filling one
@@ -29,6 +32,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import tenseal as ts
@@ -66,6 +70,10 @@ class CKKSParams:
         symmetric: encrypt with the secret key (the clients hold it anyway): about twice as
             fast as public-key encryption, same ciphertexts for the server.
         n_threads: TenSEAL threads (0: TenSEAL's default, all cores).
+        secret_context: a key holder's context file (secret key included; a lab's own):
+            the key parameters above are then those of the file.
+        public_context: the server's context file (no secret key). Set alone, this party
+            can add ciphertexts but neither encrypt nor decrypt: the server's role.
     """
 
     poly_modulus_degree: int = 8192
@@ -74,6 +82,8 @@ class CKKSParams:
     chunk_size: int = 4096
     symmetric: bool = True
     n_threads: int = 0
+    secret_context: str | None = None
+    public_context: str | None = None
 
 
 def make_context(params: CKKSParams) -> ts.Context:
@@ -90,6 +100,42 @@ def make_context(params: CKKSParams) -> ts.Context:
 def public_context_bytes(ctx: ts.Context) -> bytes:
     """The context as the server gets it: serialised without the secret key."""
     return ctx.serialize(save_secret_key=False)
+
+
+SECRET_FILE, PUBLIC_FILE = "ckks-secret.ctx", "ckks-public.ctx"
+
+
+def write_key_files(params: CKKSParams, folder: str | Path) -> tuple[Path, Path]:
+    """A fresh context pair: ``ckks-secret.ctx`` (every lab's, readable by its owner only)
+    and ``ckks-public.ctx`` (the server's, no secret key) in ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ctx = make_context(params)
+    secret, public = folder / SECRET_FILE, folder / PUBLIC_FILE
+    secret.write_bytes(b"")
+    secret.chmod(0o600)  # before the key goes in
+    secret.write_bytes(ctx.serialize(save_secret_key=True))
+    public.write_bytes(public_context_bytes(ctx))
+    return secret, public
+
+
+def load_context(path: str | Path, private: bool) -> ts.Context:
+    """A context file as written by :func:`write_key_files`, checked for its role."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckks: no context file {path}; make the pair with "
+                                "python -m mer.privacy.keys --out DIR")
+    try:
+        ctx = ts.context_from(path.read_bytes())
+    except Exception as e:
+        raise ValueError(f"ckks: {path} is not a TenSEAL context file ({e})") from e
+    if private and not ctx.is_private():
+        raise ValueError(f"ckks: {path} holds no secret key: a lab needs {SECRET_FILE} "
+                         "(privacy.secret_context), the server the public one")
+    if not private and ctx.is_private():
+        raise PermissionError(f"ckks: {path} holds the secret key: the server must get "
+                              f"only {PUBLIC_FILE} (privacy.public_context)")
+    return ctx
 
 
 def encrypt(ctx: ts.Context, vector: np.ndarray, chunk_size: int = 0) -> bytes:
@@ -127,10 +173,11 @@ def decrypt(ctx: ts.Context, payload: bytes) -> np.ndarray:
 class CKKSAggregation(SecureAggregation):
     """Secure aggregation by CKKS encryption (:mod:`mer.privacy.encrypted`).
 
-    In this in-process simulation the object plays three roles, kept apart: the key holders'
-    private context (``client_context``, used by :meth:`client_payload` and
-    :meth:`decode_sum`) and the server's public one (``server_context``, the only one
-    :meth:`server_sum` touches).
+    In an in-process run the object plays both roles, kept apart: the key holders' private
+    context (``client_context``, used by :meth:`client_payload` and :meth:`decode_sum`) and
+    the server's public one (``server_context``, the only one :meth:`server_sum` touches).
+    Over Flower each party loads its own file: a lab ``params.secret_context``, the server
+    ``params.public_context`` alone (``client_context`` is then None).
     """
 
     name = "ckks"
@@ -138,8 +185,22 @@ class CKKSAggregation(SecureAggregation):
     def __init__(self, params: CKKSParams | None = None) -> None:
         super().__init__()
         self.params = params or CKKSParams()
-        self.client_context = make_context(self.params)
-        self.server_context = ts.context_from(public_context_bytes(self.client_context))
+        p = self.params
+        if p.secret_context:
+            self.client_context: ts.Context | None = load_context(p.secret_context, True)
+        elif p.public_context:
+            self.client_context = None
+        else:
+            self.client_context = make_context(p)
+        self.server_context = load_context(p.public_context, False) if p.public_context \
+            else ts.context_from(public_context_bytes(self.client_context))
+
+    def _key_holder(self, what: str) -> ts.Context:
+        if self.client_context is None:
+            raise PermissionError(f"ckks: this party holds no secret key (the server's role) "
+                                  f"and cannot {what}; a lab does that with "
+                                  "privacy.secret_context")
+        return self.client_context
 
     def client_payload(self, client_id: str, weights: Weights, n: int) -> bytes:
         self._require_client(client_id)
@@ -155,13 +216,13 @@ class CKKSAggregation(SecureAggregation):
                 f"{list(self.params.coeff_mod_bit_sizes)}, scale_bits={self.params.scale_bits}"
                 f" with {len(self.round_clients)} clients; add a data prime (e.g. [60, 40, "
                 "60]) or lower privacy.scale_bits")
-        return encrypt(self.client_context, x, self.params.chunk_size)
+        return encrypt(self._key_holder("encrypt"), x, self.params.chunk_size)
 
     def server_sum(self, payloads: Mapping[str, bytes]) -> bytes:
         return add_encrypted(self.server_context, list(payloads.values()))
 
     def decode_sum(self, sum_payload: bytes, survivors: Sequence[str]) -> tuple[np.ndarray, float]:
-        vec = decrypt(self.client_context, sum_payload)
+        vec = decrypt(self._key_holder("decrypt"), sum_payload)
         if len(vec) != self.layout.size + 1:
             raise ValueError(f"ckks: decrypted {len(vec)} values for a model of "
                              f"{self.layout.size} (+1 count)")

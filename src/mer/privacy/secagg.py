@@ -21,6 +21,13 @@ server regenerates those masks and removes them. A survivor's seeds with other s
 secret, so no survivor's vector is exposed (needs at least ``min_survivors`` survivors; with
 one, the sum would be its update).
 
+Roles: in an in-process run :meth:`MaskedAggregation.begin_round` makes every client's
+secrets in one object (the simulation). Over Flower (:mod:`mer.federated.flower_app`) each
+lab holds only its own :class:`MaskingParty` (its private key stays on its node between the
+key exchange and the masking) and :meth:`MaskedAggregation.begin_client_round`; the server
+holds none (:meth:`MaskedAggregation.begin_server_round`) and unmasks with the seeds the
+survivors reveal (``decode_sum(..., revealed=...)``).
+
 Limits (documented, not handled): this is the single-mask variant for an honest-but-curious
 server. A dropped client's vector arriving *after* the recovery would be readable by the
 server, so the server must close the round before asking for seeds; Bonawitz et al. add a
@@ -84,19 +91,29 @@ def decode_fixed(v: np.ndarray, frac_bits: int, bits: int) -> np.ndarray:
     return signed.astype(np.float64) / 2.0**frac_bits
 
 
-class _MaskingClient:
+class MaskingParty:
     """One client's secrets for one round: its X25519 key and the others' public keys."""
 
-    def __init__(self, client_id: str, rnd: int) -> None:
+    def __init__(self, client_id: str, rnd: int, private_key: bytes | None = None) -> None:
         self.client_id, self.rnd = client_id, rnd
-        self._key = X25519PrivateKey.generate()
+        self._key = X25519PrivateKey.from_private_bytes(private_key) if private_key \
+            else X25519PrivateKey.generate()
         self.peers: dict[str, bytes] = {}
+
+    def private_bytes(self) -> bytes:
+        """The raw private key, for the client's own storage between two messages."""
+        return self._key.private_bytes(serialization.Encoding.Raw,
+                                       serialization.PrivateFormat.Raw,
+                                       serialization.NoEncryption())
 
     def public_key(self) -> bytes:
         return self._key.public_key().public_bytes(serialization.Encoding.Raw,
                                                    serialization.PublicFormat.Raw)
 
     def seed_with(self, other: str) -> bytes:
+        if other not in self.peers:
+            raise ValueError(f"secagg: client {self.client_id!r} has no public key of "
+                             f"{other!r} for round {self.rnd}")
         shared = self._key.exchange(X25519PublicKey.from_public_bytes(self.peers[other]))
         a, b = sorted((self.client_id, other))
         info = f"mer-secagg|round {self.rnd}|{a}|{b}".encode()
@@ -112,8 +129,9 @@ class _MaskingClient:
 class MaskedAggregation(SecureAggregation):
     """Secure aggregation by pairwise masks (:mod:`mer.privacy.secagg`).
 
-    In this in-process simulation ``_parties`` holds each client's secrets (used only by
-    :meth:`client_payload` and, for seeds with dropped clients, by the recovery step);
+    ``_parties`` holds the client secrets this object may use: every client's in the
+    in-process simulation, one lab's over Flower, none at the server. They are used only by
+    :meth:`client_payload` and, for seeds with dropped clients, by the recovery step;
     :meth:`server_sum` and the unmasking in :meth:`decode_sum` see only masked vectors,
     public keys and the revealed seeds of dropped clients.
     """
@@ -125,14 +143,41 @@ class MaskedAggregation(SecureAggregation):
         self.params = params or MaskParams()
         if not 8 <= self.params.mask_bits <= 64:
             raise ValueError(f"secagg: mask_bits must be in [8, 64], got {self.params.mask_bits}")
-        self._parties: dict[str, _MaskingClient] = {}
+        self._parties: dict[str, MaskingParty] = {}
 
     def begin_round(self, rnd: int, client_ids: Sequence[str], template: Weights) -> None:
+        """In-process: every client's key pair, public keys exchanged (as the server would
+        relay them)."""
         super().begin_round(rnd, client_ids, template)
-        self._parties = {c: _MaskingClient(c, self.rnd) for c in self.round_clients}
-        public = {c: p.public_key() for c, p in self._parties.items()}  # relayed by the server
+        self._parties = {c: MaskingParty(c, self.rnd) for c in self.round_clients}
+        public = {c: p.public_key() for c, p in self._parties.items()}
         for c, party in self._parties.items():
             party.peers = {o: k for o, k in public.items() if o != c}
+
+    def begin_server_round(self, rnd: int, client_ids: Sequence[str], template: Weights) -> None:
+        """The server's side of a round: no client secrets."""
+        super().begin_round(rnd, client_ids, template)
+        self._parties = {}
+
+    def begin_client_round(self, rnd: int, client_ids: Sequence[str], template: Weights,
+                           party: MaskingParty, public_keys: Mapping[str, bytes]) -> None:
+        """One lab's side of a round: its own party and the others' public keys (relayed by
+        the server: ``client id -> key`` of every client in ``client_ids``)."""
+        super().begin_round(rnd, client_ids, template)
+        missing = [c for c in self.round_clients if c not in public_keys]
+        if missing or party.client_id not in self.round_clients or party.rnd != self.rnd:
+            raise ValueError(f"secagg: client {party.client_id!r} (round {party.rnd}) cannot "
+                             f"mask round {self.rnd} of {self.round_clients}: public keys "
+                             f"missing for {missing}")
+        party.peers = {c: bytes(public_keys[c]) for c in self.round_clients
+                       if c != party.client_id}
+        self._parties = {party.client_id: party}
+
+    def reveal(self, client_id: str, dropped: Sequence[str]) -> dict[str, bytes]:
+        """Client side of the dropout recovery: ``client_id``'s seeds with ``dropped``."""
+        if client_id not in self._parties:
+            raise ValueError(f"secagg: no secrets of client {client_id!r} here")
+        return self._parties[client_id].reveal(dropped)
 
     def client_payload(self, client_id: str, weights: Weights, n: int) -> bytes:
         self._require_client(client_id)
@@ -147,6 +192,9 @@ class MaskedAggregation(SecureAggregation):
                 f"frac_bits={p.frac_bits} with {len(self.round_clients)} clients; lower "
                 "privacy.frac_bits or raise privacy.mask_bits")
         masked = encode_fixed(x, p.frac_bits, p.mask_bits)
+        if client_id not in self._parties:
+            raise ValueError(f"secagg: no secrets of client {client_id!r} here (the server's "
+                             "side of the round?)")
         party = self._parties[client_id]
         me = self.round_clients.index(client_id)
         for j, other in enumerate(self.round_clients):
@@ -168,7 +216,12 @@ class MaskedAggregation(SecureAggregation):
             total = v.copy() if total is None else total + v
         return (total & _modmask(self.params.mask_bits)).astype("<u8").tobytes()
 
-    def decode_sum(self, sum_payload: bytes, survivors: Sequence[str]) -> tuple[np.ndarray, float]:
+    def decode_sum(self, sum_payload: bytes, survivors: Sequence[str],
+                   revealed: Mapping[str, Mapping[str, bytes]] | None = None,
+                   ) -> tuple[np.ndarray, float]:
+        """Unmask the sum of the survivors' vectors. ``revealed``: survivor -> {dropped
+        client -> seed}, as the survivors sent them (over Flower); None: from this object's
+        own parties (in-process)."""
         p = self.params
         survivors = [str(s) for s in survivors]
         unknown = set(survivors) - set(self.round_clients)
@@ -181,7 +234,15 @@ class MaskedAggregation(SecureAggregation):
         dropped = [c for c in self.round_clients if c not in survivors]
         order = {c: k for k, c in enumerate(self.round_clients)}
         for s in survivors:  # each survivor reveals its seeds with the dropped clients
-            for d, seed in self._parties[s].reveal(dropped).items():
+            if revealed is None:
+                seeds = self._parties[s].reveal(dropped)
+            else:
+                lacking = [d for d in dropped if d not in revealed.get(s, {})]
+                if lacking:
+                    raise ValueError(f"secagg: survivor {s!r} revealed no seed with "
+                                     f"{lacking}: the sum cannot be unmasked")
+                seeds = {d: bytes(revealed[s][d]) for d in dropped}
+            for d, seed in seeds.items():
                 mask = prg(seed, len(total), p.mask_bits)
                 # survivor s added +mask if d comes after it in the round's order, else -mask
                 total = total - mask if order[d] > order[s] else total + mask
