@@ -12,6 +12,12 @@ Examples::
     python -m mer.federated.flower_local --clients 2 --out-dir outputs/flower
     python -m mer.federated.flower_local --clients 3 --simulation \\
         --overrides "federated=fedavg model=ststnet data.preset=tiny federated.num_clients=3"
+    python -m mer.federated.flower_local --clients 3 --secure \\
+        --overrides "+experiment=fed_psyau data.preset=tiny privacy=ckks"
+
+Under ``privacy=ckks`` without key files in the overrides, the key pair is made in
+``WORKDIR/keys`` and handed out as a real federation would: the public context to the
+server, the secret one to each SuperNode.
 """
 
 from __future__ import annotations
@@ -247,6 +253,23 @@ def node_key(folder: Path, i: int) -> Path:
     return public
 
 
+def with_ckks_keys(overrides: str, clients: int, folder: Path) -> tuple[str, list[str]]:
+    """Under ``privacy=ckks`` without key files given: make the pair in ``folder``, the
+    server's public one into the run's overrides, the secret one into every SuperNode's
+    (what the labs of a real federation do by hand: README)."""
+    import shlex
+
+    items = shlex.split(overrides)
+    if "privacy=ckks" not in items or any(i.startswith("privacy.public_context=")
+                                          for i in items):
+        return overrides, [""] * clients
+    from mer.privacy.encrypted import CKKSParams, write_key_files
+
+    secret, public = write_key_files(CKKSParams(), folder)
+    return (f"{overrides} privacy.public_context={public}",
+            [f"privacy.secret_context={secret}"] * clients)
+
+
 def _kill(proc: subprocess.Popen, sig: int) -> None:
     """Signal ``proc`` and all its descendants (SuperExec, ServerApp, ClientApp processes;
     some of them detach into sessions of their own)."""
@@ -279,8 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir).resolve()
     work = Path(args.workdir).resolve() if args.workdir else out / "flower"
     work.mkdir(parents=True, exist_ok=True)
-    with LocalFederation(work, args.clients, args.simulation, secure=args.secure) as fed:
-        run_id = fed.submit({"overrides": args.overrides, "out-dir": str(out)})
+    overrides, node_overrides = with_ckks_keys(args.overrides, args.clients, work / "keys")
+    with LocalFederation(work, args.clients, args.simulation, node_overrides,
+                         secure=args.secure) as fed:
+        run_id = fed.submit({"overrides": overrides, "out-dir": str(out)})
         print(f"run {run_id} submitted to 127.0.0.1:{fed.port}; logs in {work}")
         status = fed.wait(run_id, args.timeout_s)
         fed.server_log(run_id)
