@@ -23,6 +23,12 @@ sent model; replies weights, example count, steps, seconds, SCAFFOLD's control d
 ``evaluate`` (class probabilities of the sent models on the node's test split). What a
 node keeps between rounds (its last local model for FedBN, its SCAFFOLD control) stays in
 the node's ``context.state``; personalised models are made by the server, as in the loop.
+
+Under secure aggregation (``privacy=ckks | secagg``) a train reply carries only the protected
+``[n w, n]``, and three more types take part: ``query.secure_keys`` (secagg's per-round key
+exchange), ``query.secure_reveal`` (secagg's recovery of clients lost after it) and
+``query.secure_finish`` (the sum back to the survivors: ckks decryption; P-FedProx models,
+then made and kept by the nodes). See the notes above :func:`protected_reply`.
 """
 
 from __future__ import annotations
