@@ -291,6 +291,29 @@ def test_real_flower_processes_give_the_in_process_model(tmp_path, cache):
 
 
 @pytest.mark.slow
+def test_ckks_over_real_flower_processes_gives_the_in_process_model(tmp_path, cache):
+    """P-FedProx under privacy=ckks, 3 SuperNodes on 127.0.0.1: the key pair handed out as
+    ``flower_local`` does (secret context to each node, public one to the server); the
+    global model equals the in-process ckks run's within CKKS precision."""
+    from mer.federated.flower_local import LocalFederation, with_ckks_keys
+
+    overrides = OVERRIDES.replace("federated=fedavg", "federated=pfedprox") + " privacy=ckks"
+    expected = _in_process_weights(overrides)
+    work = tmp_path / "flower"
+    work.mkdir()
+    run_overrides, node_overrides = with_ckks_keys(overrides, 3, work / "keys")
+    assert "privacy.public_context=" in run_overrides and "secret" not in run_overrides
+    with LocalFederation(work, clients=3, node_overrides=node_overrides) as fed:
+        run_id = fed.submit({"overrides": run_overrides, "out-dir": str(tmp_path / "out")})
+        status = fed.wait(run_id, timeout_s=900)
+        assert status == "finished:completed", fed.server_log(run_id)[-4000:]
+        assert "query.secure_finish" in fed.log("supernode0")
+    saved = torch.load(tmp_path / "out" / "global_model.pt", weights_only=False)["global"]
+    for a, b in zip(saved, expected):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_a_killed_supernode_does_not_hang_the_run(tmp_path, cache):
     """A SuperNode SIGKILLed during round 2 (the last): the SuperLink reports it unavailable once
     it misses its heartbeats (or the round times out), the round completes with the others,
