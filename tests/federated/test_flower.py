@@ -66,8 +66,9 @@ def memory_flower(monkeypatch):
             nodes[101 + k] = flower_app.Node(node_cfg, FederatedRun(node_cfg, samples, clients),
                                              c, k)
         grid = MemoryGrid(nodes)
-        run = flower_app.FlowerRun(cfg, samples, clients, grid=grid, round_timeout_s=1,
-                                   connect_timeout_s=1)
+        federation = flower_app.discover(grid, timeout_s=1)  # the server holds no data
+        run = flower_app.FlowerRun(cfg, federation.samples, federation.clients, grid=grid,
+                                   federation=federation, round_timeout_s=1)
         return run, grid
 
     yield build
@@ -114,6 +115,74 @@ def test_flower_messages_give_the_in_process_run(memory_flower, rule):
         for a, b in zip(flower.server_control, local.server_control):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
         assert all("control" in ctx.state for ctx in grid.contexts.values())
+
+
+def test_the_server_holds_no_data_yet_starts_from_the_in_process_model(memory_flower):
+    """DPK-GAT, whose data prior is counted from the training splits' AU annotations: the
+    server, which has no sample, gets the labs' summed counts and so the same initial model
+    (prior buffer included); its stand-in samples hold no flow image, the test clips' real
+    ids and labels, and nothing of a training clip but its count."""
+    from omegaconf import open_dict
+
+    samples = toy_samples(learnable=True)
+    rng = np.random.default_rng(0)
+    samples.meta["aus"] = [tuple(int(a) for a in rng.choice([1, 2, 4, 12, 14], 2, False))
+                           for _ in range(len(samples.meta))]
+    samples.meta["has_aus"] = True
+    cfg = fed_cfg(seed=3)
+    with open_dict(cfg):
+        cfg.model.name = "dpk_gat"
+    flower, _ = memory_flower(cfg, samples)
+    local = FederatedRun(cfg, samples, make_clients(cfg, samples))
+    names = flower.entry_names
+    prior = flower.initial_weights[names.index("net.data_prior")
+                                   if "net.data_prior" in names else names.index("data_prior")]
+    assert prior.sum() > 0  # the labs' counts arrived
+    for a, b in zip(flower.initial_weights, local.initial_weights):
+        np.testing.assert_array_equal(a, b)
+    stand_in = flower.samples
+    assert not stand_in.x.any() and len(stand_in.x) == len(samples.x)
+    for server_c, lab_c in zip(flower.clients, local.clients):
+        lab_test = samples.meta.iloc[lab_c.test_idx]
+        server_test = stand_in.meta.iloc[server_c.test_idx]
+        assert server_test["clip"].tolist() == lab_test["clip"].tolist()
+        assert server_test["label"].tolist() == lab_test["label"].tolist()
+        assert set(stand_in.meta.iloc[server_c.train_idx]["clip"]) == \
+            {f"train-{i}" for i in range(len(lab_c.train_idx))}
+
+
+def test_labs_that_load_only_their_own_database(monkeypatch):
+    """Each node holds one database alone (a lab's ``data=`` override), the server none:
+    the clients, their splits and the global model are those of the in-process run over
+    all three databases (splits are seeded by database name)."""
+    samples = toy_samples(learnable=True)
+    cfg = fed_cfg(seed=4)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    nodes = {}
+    for k, db in enumerate(["db0", "db1", "db2"]):
+        own = samples.subset(np.flatnonzero(samples.meta["database"].to_numpy() == db))
+        (client,) = make_clients(cfg, own)
+        nodes[101 + k] = flower_app.Node(cfg, FederatedRun(cfg, own, [client]), client, 0)
+    monkeypatch.setattr(flower_app, "node_from_context", lambda ctx: nodes[ctx.node_id])
+    grid = MemoryGrid(nodes)
+    try:
+        with pytest.raises(TimeoutError, match="only clients"):  # each knows only itself
+            flower_app.discover(grid, ["db0", "db1", "db2", "db3"], timeout_s=1)
+        federation = flower_app.discover(grid, ["db0", "db1", "db2"], timeout_s=1)
+        flower = flower_app.FlowerRun(cfg, federation.samples, federation.clients, grid=grid,
+                                      federation=federation, round_timeout_s=1)
+        flower.run_rounds()
+    finally:
+        TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+    local = _in_process(cfg, samples)
+    for server_c, lab_c in zip(flower.clients, local.clients):
+        assert server_c.name == lab_c.name
+        assert federation.samples.meta.iloc[server_c.test_idx]["clip"].tolist() == \
+            samples.meta.iloc[lab_c.test_idx]["clip"].tolist()
+    for a, b in zip(flower.global_weights, local.global_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert [c["pooled_global"] for c in flower.curves] == \
+        [c["pooled_global"] for c in local.curves]
 
 
 def test_crashing_and_silent_nodes_are_counted_and_the_run_finishes(memory_flower):

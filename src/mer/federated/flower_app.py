@@ -13,12 +13,20 @@ Configuration (all from the same Hydra config as ``python -m mer.run``):
 - run config (``[tool.flwr.app.config]`` in pyproject.toml, or ``flwr run -c``):
   ``overrides`` (Hydra overrides, e.g. ``"+experiment=fed_psyau data.preset=tiny"``),
   ``out-dir`` (results.json and friends), ``round-timeout-s`` (how long the server waits
-  for a round's replies), ``connect-timeout-s`` (how long it waits for every lab to join);
+  for a round's replies), ``connect-timeout-s`` (how long it waits for every lab to join),
+  ``clients`` (the client names to wait for, comma-separated; default: those the labs'
+  configs make);
 - node config (``flower-supernode --node-config``): ``client-name="synA"`` or
   ``partition-id=0`` (position in the configured partition; Flower's simulation sets it),
-  and ``overrides`` (the lab's own extra Hydra overrides, e.g. its ``data.root``).
+  and ``overrides`` (the lab's own extra Hydra overrides: its ``data.root``, or ``data=``
+  its own database alone).
 
-Message types: ``query`` (which client is this node), ``train`` (local training from the
+The server loads no data: a lab's ``query`` reply tells it the client's sizes, the test
+clips' ids and labels and the AU co-occurrence counts of its training split
+(:func:`describe`), from which :func:`discover` makes a stand-in ``FlowSamples`` without a
+single flow image.
+
+Message types: ``query`` (which client is this node; see above), ``train`` (local training from the
 sent model; replies weights, example count, steps, seconds, SCAFFOLD's control delta) and
 ``evaluate`` (class probabilities of the sent models on the node's test split). What a
 node keeps between rounds (its last local model for FedBN, its SCAFFOLD control) stays in
@@ -142,12 +150,35 @@ client_app = ClientApp()
 
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which client (lab) this node is."""
-    node = node_from_context(context)
-    c = node.client
-    return Message(RecordDict({"client": ConfigRecord({
-        "name": c.name, "index": node.index, "train": len(c.train_idx),
-        "test": len(c.test_idx)})}), reply_to=msg)
+    """Tell the server which client (lab) this node is, and what it needs to know of it."""
+    return Message(RecordDict({"client": ConfigRecord(describe(node_from_context(context)))}),
+                   reply_to=msg)
+
+
+def describe(node: Node) -> dict:
+    """What the server learns of a lab when it joins: its client's name and sizes, the clients
+    its config makes, class names and input shape, the test clips' ids and labels (for the
+    metrics and predictions.csv) and the AU co-occurrence counts of its training split
+    (DPK-GAT's prior, summed over labs). Never a flow image, nor a training clip's id or
+    label."""
+    from mer.models.priors import cooccurrence_counts
+
+    c, samples = node.client, node.run.samples
+    test = samples.meta.iloc[c.test_idx]
+    au, mask = samples.au_targets()
+    counts = np.asarray(cooccurrence_counts(au[c.train_idx], mask[c.train_idx]), np.float64)
+    keys = samples.meta["subject_key"].to_numpy()
+    return {"name": c.name, "index": node.index, "train": len(c.train_idx),
+            "test": len(c.test_idx),
+            "subjects": len(set(keys[np.concatenate([c.train_idx, c.test_idx])])),
+            "clients": [x.name for x in node.run.clients],
+            "class-names": [str(n) for n in samples.class_names],
+            "input-shape": [int(d) for d in samples.x.shape[1:]],
+            "synthetic": bool(samples.synthetic),
+            **{f"test-{col}": test[col].astype(str).tolist()
+               for col in ("database", "subject", "clip")},
+            "test-label": test["label"].astype(int).tolist(),
+            "au-counts": counts.ravel().tolist()}
 
 
 @client_app.train()
@@ -349,6 +380,93 @@ class KeptOnNode:
 # -- server side -------------------------------------------------------------------------------
 
 
+@dataclass
+class Federation:
+    """The server's view of the labs, from their ``query`` replies (:func:`describe`): no
+    sample of theirs, only what the rounds and the metrics need.
+
+    ``samples`` stands in for the data on the server: one row per clip, with zero flow
+    images; the test rows carry the real clip ids and labels, the training rows only their
+    count. ``clients`` index into it in the usual way.
+    """
+
+    nodes: dict[str, int]            # client name -> node id
+    samples: FlowSamples
+    clients: list[ClientData]
+    au_counts: np.ndarray            # (12, 12) summed over the labs' training splits
+    summary: dict                    # client -> train / test / subjects
+
+
+def discover(grid: Grid, expected: list[str] | None = None, timeout_s: float = 120.0
+             ) -> Federation:
+    """Ask the connected SuperNodes which client they are until every expected client has
+    one. ``expected``: the client names, in order (run config ``clients``); None: the clients
+    the labs' configs make (every lab that loads the whole config's data knows them all)."""
+    import pandas as pd
+
+    wanted = list(expected or [])
+    found: dict[str, tuple[int, dict]] = {}
+    asked: set[int] = set()
+    t0 = time.monotonic()
+    while not wanted or any(n not in found for n in wanted):
+        fresh = [n for n in grid.get_node_ids() if n not in asked]
+        msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
+                        message_type="query") for n in fresh]
+        for reply in grid.send_and_receive(msgs, timeout=30.0) if msgs else []:
+            node_id = reply.metadata.src_node_id
+            asked.add(node_id)
+            if reply.has_error():
+                log.warning("node %d cannot serve this config: %s", node_id,
+                            reply.error.reason)
+                continue
+            info = dict(reply.content["client"])
+            name = str(info["name"])
+            if name in found:
+                raise RuntimeError(f"two SuperNodes ({found[name][0]}, {node_id}) serve client "
+                                   f"{name!r}: give each its own client-name/partition-id")
+            found[name] = (node_id, info)
+            if expected is None:
+                wanted += [str(n) for n in info["clients"] if str(n) not in wanted]
+        if not wanted or any(n not in found for n in wanted):
+            if time.monotonic() - t0 > timeout_s:
+                raise TimeoutError(f"after {timeout_s:.0f} s only clients {sorted(found)} of "
+                                   f"{wanted} have a SuperNode; start one per client")
+            time.sleep(1.0)
+    for name in set(found) - set(wanted):
+        log.warning("SuperNode %d serves client %r, which is not in this run: ignored",
+                    found[name][0], name)
+    infos = [found[n][1] for n in wanted]
+    first = infos[0]
+    for info in infos[1:]:
+        for key in ("class-names", "input-shape"):
+            if list(info[key]) != list(first[key]):
+                raise ValueError(f"client {info['name']!r} has {key} {list(info[key])}, client "
+                                 f"{first['name']!r} {list(first[key])}: every lab needs the "
+                                 "same label scheme and flow settings")
+    rows, clients, start = [], [], 0
+    for info in infos:
+        name, n_train, n_test = str(info["name"]), int(info["train"]), int(info["test"])
+        rows += [{"database": name, "subject": "(training split)", "clip": f"train-{i}",
+                  "label": -1} for i in range(n_train)]
+        rows += [{"database": d, "subject": s, "clip": c, "label": int(y)} for d, s, c, y in
+                 zip(info["test-database"], info["test-subject"], info["test-clip"],
+                     info["test-label"])]
+        clients.append(ClientData(name, np.arange(start, start + n_train),
+                                  np.arange(start + n_train, start + n_train + n_test)))
+        start += n_train + n_test
+    samples = FlowSamples(
+        np.zeros((len(rows), *[int(d) for d in first["input-shape"]]), np.float32),
+        pd.DataFrame(rows), [str(n) for n in first["class-names"]],
+        synthetic=any(bool(i["synthetic"]) for i in infos),
+        provenance={"source": "the labs' SuperNodes (the server holds no data)"})
+    counts = sum(np.asarray(i["au-counts"], np.float64).reshape(12, 12) for i in infos)
+    summary = {str(i["name"]): {k: int(i[k]) for k in ("train", "test", "subjects")}
+               for i in infos}
+    nodes = {n: found[n][0] for n in wanted}
+    log.info("clients on SuperNodes: %s", nodes)
+    return Federation(nodes, samples, clients, counts, summary)
+
+
 class FlowerRun(FederatedRun):
     """A FederatedRun whose clients are Flower SuperNodes reached through ``grid``.
 
@@ -358,12 +476,13 @@ class FlowerRun(FederatedRun):
     """
 
     def __init__(self, cfg: DictConfig, samples: FlowSamples, clients: list[ClientData],
-                 checkpoint_dir: Path | None = None, *, grid: Grid,
-                 round_timeout_s: float = 600.0, connect_timeout_s: float = 120.0) -> None:
+                 checkpoint_dir: Path | None = None, *, grid: Grid, federation: Federation,
+                 round_timeout_s: float = 600.0) -> None:
+        self.federation = federation  # before the loop's __init__: au_counts() reads it
         super().__init__(cfg, samples, clients, checkpoint_dir)
         self._check_server_keys()
         self.grid, self.round_timeout_s = grid, float(round_timeout_s)
-        self.nodes = self.connect(float(connect_timeout_s))
+        self.nodes = federation.nodes
         self.lost: list[dict] = []  # (round, client, reason) of missing replies
         self.client_metrics: list[dict] = []  # what each node reported, per round
 
@@ -384,35 +503,8 @@ class FlowerRun(FederatedRun):
                              "server privacy.public_context=DIR/ckks-public.ctx and every lab "
                              "privacy.secret_context=DIR/ckks-secret.ctx")
 
-    def connect(self, timeout_s: float) -> dict[str, int]:
-        """Ask connected nodes which client they are until every client has one."""
-        names = [c.name for c in self.clients]
-        nodes: dict[str, int] = {}
-        asked: set[int] = set()
-        t0 = time.monotonic()
-        while len(nodes) < len(names):
-            fresh = [n for n in self.grid.get_node_ids() if n not in asked]
-            msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
-                            message_type="query") for n in fresh]
-            for reply in self.grid.send_and_receive(msgs, timeout=30.0) if msgs else []:
-                node_id = reply.metadata.src_node_id
-                asked.add(node_id)
-                if reply.has_error():
-                    log.warning("node %d cannot serve this config: %s", node_id,
-                                reply.error.reason)
-                    continue
-                name = str(reply.content["client"]["name"])
-                if name in nodes:
-                    raise RuntimeError(f"two SuperNodes ({nodes[name]}, {node_id}) serve client "
-                                       f"{name!r}: give each its own client-name/partition-id")
-                nodes[name] = node_id
-            if len(nodes) < len(names):
-                if time.monotonic() - t0 > timeout_s:
-                    raise TimeoutError(f"after {timeout_s:.0f} s only clients {sorted(nodes)} "
-                                       f"of {names} have a SuperNode; start one per client")
-                time.sleep(1.0)
-        log.info("clients on SuperNodes: %s", nodes)
-        return nodes
+    def au_counts(self) -> np.ndarray:
+        return self.federation.au_counts
 
     def _exchange(self, rnd: int, kind: str,
                   contents: dict[str, RecordDict]) -> dict[str, RecordDict | Exception]:
@@ -645,14 +737,17 @@ def _run_config(context: Context) -> dict:
     return {"overrides": str(rc.get("overrides", "")),
             "out_dir": Path(str(rc.get("out-dir", "outputs/flower"))).expanduser(),
             "round_timeout_s": float(rc.get("round-timeout-s", 600.0)),
-            "connect_timeout_s": float(rc.get("connect-timeout-s", 120.0))}
+            "connect_timeout_s": float(rc.get("connect-timeout-s", 120.0)),
+            "clients": [c.strip() for c in str(rc.get("clients", "")).split(",") if c.strip()]
+            or None}
 
 
 def run_server(grid: Grid, overrides: str, out_dir: Path, round_timeout_s: float = 600.0,
-               connect_timeout_s: float = 120.0) -> dict:
+               connect_timeout_s: float = 120.0, clients: list[str] | None = None) -> dict:
     """All rounds of the configured federated run over ``grid``; writes results.json,
-    predictions.csv, curves.csv, rounds.csv and global_model.pt to ``out_dir``."""
-    from mer.data.sources import load_samples
+    predictions.csv, curves.csv, rounds.csv and global_model.pt to ``out_dir``. The server
+    loads no data: what it needs comes from the labs (:func:`discover`); ``clients``: the
+    client names to wait for (default: those the labs' configs make)."""
     from mer.engine.runner import write_federated_results
     from mer.federated.loop import run_federated
 
@@ -667,24 +762,25 @@ def run_server(grid: Grid, overrides: str, out_dir: Path, round_timeout_s: float
                  "in one place (run them in-process with python -m mer.run)")
         with open_dict(cfg):
             cfg.federated.baselines = False
-    samples = load_samples(cfg.data, cfg.paths.cache_dir)
+    federation = discover(grid, clients, connect_timeout_s)
     t_data = time.perf_counter() - t0
-    clients = make_clients(cfg, samples)
     runs: list[FlowerRun] = []
 
     def make_run(*args, **kwargs) -> FlowerRun:
-        runs.append(FlowerRun(*args, grid=grid, round_timeout_s=round_timeout_s,
-                              connect_timeout_s=connect_timeout_s, **kwargs))
+        runs.append(FlowerRun(*args, grid=grid, federation=federation,
+                              round_timeout_s=round_timeout_s, **kwargs))
         return runs[-1]
 
-    fed = run_federated(cfg, samples, clients, out_dir / "checkpoints", show_progress=False,
-                        make_run=make_run)
+    fed = run_federated(cfg, federation.samples, federation.clients, out_dir / "checkpoints",
+                        show_progress=False, make_run=make_run)
     run = runs[0]
+    fed["clients"] = federation.summary
     fed["protocol"] = {"kind": "holdout", "repeats": 1}
     fed["transport"] = {"engine": "flower", "nodes": run.nodes, "lost_replies": run.lost,
                         "client_metrics": run.client_metrics}
     timings = {"data_s": t_data, "federated_s": time.perf_counter() - t0 - t_data}
-    results = write_federated_results(cfg, samples, fed, timings, out_dir, transport="flower")
+    results = write_federated_results(cfg, federation.samples, fed, timings, out_dir,
+                                      transport="flower")
     torch.save({"global": run.global_weights, "entries": run.entry_names},
                out_dir / "global_model.pt")
     return results
@@ -698,7 +794,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run mer's federated rounds over the connected SuperNodes (see the module doc)."""
     rc = _run_config(context)
     results = run_server(grid, rc["overrides"], rc["out_dir"], rc["round_timeout_s"],
-                         rc["connect_timeout_s"])
+                         rc["connect_timeout_s"], rc["clients"])
     final = results["federated"]["final"]
     log.warning("mer: %d rounds done; pooled global UF1 %.4f; outputs in %s",
                 final["round"], final["pooled_global"]["uf1"], rc["out_dir"])

@@ -137,7 +137,8 @@ class FederatedRun:
         # The server sums the clients' AU co-occurrence counts: the prior of all training splits.
         train_all = np.concatenate([c.train_idx for c in clients])
         L.seed_everything(self.seed, verbose=False)
-        template = self._fixed(build_module(self.model_cfg, samples, train_all))
+        template = self._fixed(build_module(self.model_cfg, samples, train_all,
+                                            self.au_counts()))
         self.global_weights = get_weights(template)
         self.initial_weights = [w.copy() for w in self.global_weights]
         names = list(template.net.state_dict())
@@ -208,6 +209,11 @@ class FederatedRun:
         if self.central_dp:
             return {"delta": self.central_dp.cfg.delta, "central": self.central_dp.epsilon()}
         return {}
+
+    def au_counts(self) -> np.ndarray | None:
+        """The clients' AU co-occurrence counts summed (DPK-GAT's data prior); None: count
+        them from ``samples`` (in-process, where the server's process holds them)."""
+        return None
 
     # -- client side ---------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ of its train/test split (``check_partition``).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +63,10 @@ def natural_clients(samples: FlowSamples, test_fraction: float = 0.3, seed: int 
     sites = [1] * len(databases) if num_clients == len(databases) else \
         _allocate_sites(counts, num_clients, databases)
     clients = []
-    for i, (db, n_sites) in enumerate(zip(databases, sites)):
+    for db, n_sites in zip(databases, sites):
+        # seeded by the database's name, not its position: a lab that loads its own database
+        # alone (a Flower SuperNode) makes the split the whole federation's config makes
+        i = zlib.crc32(str(db).encode())
         positions = np.flatnonzero(db_of == db)
         if n_sites == 1:
             groups = [(db, positions)]
