@@ -11,6 +11,7 @@ and both sides' test figures on the clients' test splits (SYNTHETIC data).
 
     python scripts/bench_federated.py                      # FED-PsyAU: DPK-GAT, P-FedProx
     python scripts/bench_federated.py --model ststnet --rounds 20 --json out.json
+    python scripts/bench_federated.py --workers 2          # two clients trained at once
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--preset", default="default", help="SynME preset: default | tiny")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="federated.workers: clients trained at once (processes)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
 
     overrides = [f"+experiment={args.experiment}", f"data.preset={args.preset}",
                  f"federated.rounds={args.rounds}", f"federated.local_epochs={args.local_epochs}",
-                 "federated.baselines=false", "progress=false"]
+                 "federated.baselines=false", "progress=false",
+                 f"federated.workers={args.workers}"]
     if args.model:
         overrides.append(f"model={args.model}")
     if args.federated:
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     stats = [run.round(rnd) for rnd in range(1, args.rounds + 1)]
     t_fed = time.perf_counter() - t0
+    run.close()
     fed_eval = run.evaluate()
 
     epochs = args.rounds * args.local_epochs
@@ -73,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     figures = {
         "synthetic": samples.synthetic, "model": cfg.model.name, "rule": cfg.federated.name,
         "clients": len(clients), "rounds": args.rounds, "local_epochs": args.local_epochs,
+        "workers": args.workers,
         "sample_epochs": int(epochs * len(pooled.train_idx)),
         "federated_s": round(t_fed, 2), "centralised_s": round(t_central, 2),
         "overhead": round(t_fed / t_central - 1.0, 4),
@@ -85,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average": os.getloadavg(),
     }
     print(f"{'(SYNTHETIC data) ' if samples.synthetic else ''}{cfg.model.name}, "
-          f"{cfg.federated.name}, {len(clients)} clients, {args.rounds} rounds x "
-          f"{args.local_epochs} local epochs = {figures['sample_epochs']} sample-epochs")
+          f"{cfg.federated.name}, {len(clients)} clients ({args.workers} at once), "
+          f"{args.rounds} rounds x {args.local_epochs} local epochs = "
+          f"{figures['sample_epochs']} sample-epochs")
     print(f"  federated   {t_fed:8.2f} s   UF1 {figures['federated_uf1']:.4f} (global), "
           f"{figures['federated_personalised_uf1']:.4f} (personalised)")
     print(f"  centralised {t_central:8.2f} s   UF1 {figures['centralised_uf1']:.4f}")

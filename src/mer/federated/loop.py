@@ -155,6 +155,8 @@ class FederatedRun:
         self.stats: list[dict] = []
         self.checkpoint = Path(checkpoint_dir) / "federated_state.pt" if checkpoint_dir else None
         self._recipe: str | None = None
+        self.workers = int(self.fed.get("workers") or 1)
+        self._pool = None  # worker processes, made on first use
 
     def _setup_privacy(self, privacy_cfg: DictConfig | None) -> None:
         """``privacy``: none | ckks | secagg (secure aggregation), dp (DP-SGD at each client,
@@ -336,29 +338,80 @@ class FederatedRun:
         return sorted(rng.choice(n, m, replace=False).tolist())
 
     def _local_updates(self, rnd: int, chosen: list[int]) -> tuple[list[ClientUpdate], dict]:
-        """Train the chosen clients, minus dropouts, failures and late ones (logged, counted)."""
-        # the round's global parameters, the FedProx anchor of every client (built once)
-        anchor = list(self._module(self.global_weights).net.parameters()) if self.fed.mu \
-            else None
+        """Train the chosen clients, minus dropouts, failures and late ones (logged, counted);
+        ``federated.workers`` > 1: several clients at once, in worker processes."""
         updates, faults = [], {"dropped": [], "failed": [], "late": []}
+        training = []
         for k in chosen:
-            name = self.clients[k].name
             if self.faults.drops_out(rnd, k):
-                faults["dropped"].append(name)
-                continue
-            try:
-                if self.faults.crashes_now(name, rnd):
-                    raise RuntimeError("injected fault (federated.faults.crash)")
-                update = self.train_client(self.clients[k], rnd, k, anchor)
-            except Exception as e:  # a lab's failure must not stop the federation
-                log.warning("round %d: client %s failed: %s", rnd, name, e)
+                faults["dropped"].append(self.clients[k].name)
+            else:
+                training.append(k)
+        outcomes = self._train_parallel(rnd, training) if self.workers > 1 and \
+            len(training) > 1 else self._train_in_turn(rnd, training)
+        for k in training:
+            name, update = self.clients[k].name, outcomes[k]
+            if isinstance(update, Exception):  # a lab's failure must not stop the federation
+                log.warning("round %d: client %s failed: %s", rnd, name, update)
                 faults["failed"].append(name)
-                self.failures.append({"round": rnd, "client": name, "error": repr(e)})
+                self.failures.append({"round": rnd, "client": name, "error": repr(update)})
                 continue
             if self.is_late(rnd, update, faults):
                 continue
             updates.append(update)
         return updates, faults
+
+    def _train_one(self, rnd: int, k: int, anchor: list[torch.Tensor] | None
+                   ) -> ClientUpdate | Exception:
+        try:
+            if self.faults.crashes_now(self.clients[k].name, rnd):
+                raise RuntimeError("injected fault (federated.faults.crash)")
+            return self.train_client(self.clients[k], rnd, k, anchor)
+        except Exception as e:
+            return e
+
+    def _train_in_turn(self, rnd: int, training: list[int]) -> dict[int, ClientUpdate | Exception]:
+        # the round's global parameters, the FedProx anchor of every client (built once)
+        anchor = list(self._module(self.global_weights).net.parameters()) if self.fed.mu \
+            else None
+        return {k: self._train_one(rnd, k, anchor) for k in training}
+
+    def _train_parallel(self, rnd: int, training: list[int]) -> dict[int, ClientUpdate | Exception]:
+        """The clients' local training in ``federated.workers`` forked processes. Each job
+        carries what the client starts from (global model, its state, SCAFFOLD's server
+        control, its DP accountant); what it changes comes back with its update."""
+        global _WORKER_RUN
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            _WORKER_RUN = self  # inherited by the forked workers
+            self._pool = ProcessPoolExecutor(self.workers,
+                                             mp_context=multiprocessing.get_context("fork"))
+        threads = max(1, torch.get_num_threads() // self.workers)
+        futures = {}
+        for k in training:
+            name = self.clients[k].name
+            privacy = self.client_privacy.get(name)
+            futures[k] = self._pool.submit(_train_in_worker, {
+                "rnd": rnd, "k": k, "threads": threads, "global": self.global_weights,
+                "server_control": self.server_control, "state": self.state[name],
+                "history": privacy.accountant.history if privacy else None})
+        out: dict[int, ClientUpdate | Exception] = {}
+        for k, future in futures.items():
+            update, state, history = future.result()
+            out[k] = update
+            name = self.clients[k].name
+            self.state[name] = state
+            if history is not None:
+                self.client_privacy[name].accountant.history = history
+        return out
+
+    def close(self) -> None:
+        """Stop the worker processes (``federated.workers`` > 1), if any."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
     def is_late(self, rnd: int, update: ClientUpdate, faults: dict) -> bool:
         """Past ``faults.deadline_s``: the update is discarded, logged and counted late."""
@@ -502,6 +555,7 @@ class FederatedRun:
         for key in ("resume", "progress", "logger", "paths", "hydra"):
             cfg.pop(key, None)
         cfg.get("federated", {}).pop("rounds", None)  # a run may be extended
+        cfg.get("federated", {}).pop("workers", None)  # how, not what
         split = [(c.name, c.train_idx.tolist(), c.test_idx.tolist()) for c in self.clients]
         blob = json.dumps([cfg, split], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -571,6 +625,25 @@ class FederatedRun:
                 progress.advance(task)
 
 
+_WORKER_RUN: FederatedRun | None = None  # a forked worker's copy of the run
+
+
+def _train_in_worker(job: dict) -> tuple[ClientUpdate | Exception, ClientState, list | None]:
+    """In a worker process: one client's local training from the state in ``job``."""
+    run = _WORKER_RUN
+    torch.set_num_threads(job["threads"])
+    k = job["k"]
+    name = run.clients[k].name
+    run.global_weights, run.server_control = job["global"], job["server_control"]
+    run.state[name] = job["state"]
+    if job["history"] is not None:
+        run.client_privacy[name].accountant.history = job["history"]
+    anchor = list(run._module(run.global_weights).net.parameters()) if run.fed.mu else None
+    update = run._train_one(job["rnd"], k, anchor)
+    privacy = run.client_privacy.get(name)
+    return update, run.state[name], privacy.accountant.history if privacy else None
+
+
 def make_clients(cfg: DictConfig, samples: FlowSamples) -> list[ClientData]:
     """The configured partition (``federated.partition``, ``federated.num_clients``)."""
     fed, seed = cfg.federated, int(cfg.seed)
@@ -603,8 +676,11 @@ def run_federated(cfg: DictConfig, samples: FlowSamples, clients: list[ClientDat
         logging.getLogger(name).setLevel(logging.ERROR)
     run = (make_run or FederatedRun)(cfg, samples, clients, checkpoint_dir)
     resumed_from = run.round_done if cfg.get("resume") and run.try_resume() else 0
-    with Progress(disable=not show_progress) as progress:
-        run.run_rounds(progress)
+    try:
+        with Progress(disable=not show_progress) as progress:
+            run.run_rounds(progress)
+    finally:
+        run.close()
     baselines = None
     if cfg.federated.get("baselines", False):
         epochs = cfg.federated.get("baseline_epochs") or \
