@@ -276,7 +276,7 @@ def protected_reply(run: FederatedRun, kept: RecordDict, conf: ConfigRecord,
                     records: RecordDict, update: ClientUpdate) -> RecordDict:
     """The train reply under secure aggregation: the protected ``[n w, n]``, never ``w``."""
     from mer.privacy.encrypted import CKKSAggregation
-    from mer.privacy.secagg import MaskedAggregation, MaskingParty
+    from mer.privacy.secagg import MaskedAggregation
 
     name, rnd = update.name, int(conf["round"])
     if isinstance(run.secure, CKKSAggregation) and not run.secure.params.secret_context:
@@ -292,11 +292,7 @@ def protected_reply(run: FederatedRun, kept: RecordDict, conf: ConfigRecord,
                            "secure": ConfigRecord({"excluded": excluded[name]})})
     ids = [str(c) for c in conf["round-clients"]]
     if isinstance(run.secure, MaskedAggregation):
-        secret = kept.get("secure")
-        if secret is None or int(secret["round"]) != rnd:
-            raise RuntimeError(f"client {name!r} has no secagg key for round {rnd} (node "
-                               "restarted between the key exchange and training?)")
-        party = MaskingParty(name, rnd, bytes(secret["key"]))
+        party = _kept_party(kept, name, rnd)
         peers = {str(k): bytes(v) for k, v in records["peers"].items()}
         run.secure.begin_client_round(rnd, ids, run.global_weights, party, peers)
         kept["peers"] = ConfigRecord(peers)  # for the dropout recovery, from this node's copy
@@ -306,6 +302,21 @@ def protected_reply(run: FederatedRun, kept: RecordDict, conf: ConfigRecord,
     kept["sent"] = _arrays(update.weights)  # what went into the sum, for P-FedProx
     kept["sent-n"] = ConfigRecord({"round": rnd, "n": update.num_examples})
     return RecordDict({"metrics": metrics, "secure": ConfigRecord({"payload": payload})})
+
+
+def _kept_party(kept: RecordDict, name: str, rnd: int):
+    """secagg: this node's masking party of round ``rnd``, from the key ``secure_keys`` kept
+    (and, once training has masked, the peers' public keys)."""
+    from mer.privacy.secagg import MaskingParty
+
+    secret = kept.get("secure")
+    if secret is None or int(secret["round"]) != rnd:
+        raise RuntimeError(f"client {name!r} holds no secagg key of round {rnd} (node "
+                           "restarted since the key exchange?)")
+    party = MaskingParty(name, rnd, bytes(secret["key"]))
+    if "peers" in kept:
+        party.peers = {str(k): bytes(v) for k, v in kept["peers"].items()}
+    return party
 
 
 @client_app.query("secure_keys")
@@ -325,8 +336,6 @@ def secure_keys(msg: Message, context: Context) -> Message:
 def secure_reveal(msg: Message, context: Context) -> Message:
     """secagg dropout recovery: this node's seeds with the clients the server says dropped
     (never with survivors), if enough survivors remain for the sum to hide each of them."""
-    from mer.privacy.secagg import MaskingParty
-
     node = node_from_context(context)
     conf, kept, name = msg.content["config"], context.state, node.client.name
     rnd, ids = int(conf["round"]), [str(c) for c in conf["round-clients"]]
@@ -335,11 +344,7 @@ def secure_reveal(msg: Message, context: Context) -> Message:
     if survivors < node.run.secure.params.min_survivors:
         raise PermissionError(f"client {name!r} refuses to reveal: {survivors} survivor(s) < "
                               f"min_survivors={node.run.secure.params.min_survivors}")
-    secret = kept.get("secure")
-    if secret is None or int(secret["round"]) != rnd or "peers" not in kept:
-        raise RuntimeError(f"client {name!r} holds no secagg secrets of round {rnd}")
-    party = MaskingParty(name, rnd, bytes(secret["key"]))
-    party.peers = {str(k): bytes(v) for k, v in kept["peers"].items()}
+    party = _kept_party(kept, name, rnd)
     return Message(RecordDict({"secure": ConfigRecord(party.reveal(dropped))}), reply_to=msg)
 
 
@@ -540,19 +545,13 @@ class FlowerRun(FederatedRun):
         """The loop's ``_local_updates``, with the chosen clients training on their nodes
         (all at once); dropouts, failures and late updates are counted as in the loop."""
         faults: dict[str, list] = {"dropped": [], "failed": [], "late": []}
-        contents = {}
-        for k in chosen:
-            name = self.clients[k].name
-            if self.faults.drops_out(rnd, k):
-                faults["dropped"].append(name)
-                continue
-            contents[name] = self._train_content(rnd, k)
+        contents = {self.clients[k].name: self._train_content(rnd, k)
+                    for k in self.not_dropped(rnd, chosen, faults)}
         replies = self._exchange(rnd, "train", contents)
         updates = []
         for name, reply in replies.items():
             if isinstance(reply, Exception):
-                faults["failed"].append(name)
-                self.failures.append({"round": rnd, "client": name, "error": repr(reply)})
+                self._failed(rnd, name, reply, faults)
                 continue
             m = reply["metrics"]
             self.client_metrics.append({"round": rnd, "client": name, **dict(m)})
@@ -595,13 +594,8 @@ class FlowerRun(FederatedRun):
 
         t0 = time.perf_counter()
         faults: dict[str, list] = {"dropped": [], "failed": [], "late": []}
-        chosen = {}
-        for k in self.select_clients(rnd):
-            name = self.clients[k].name
-            if self.faults.drops_out(rnd, k):
-                faults["dropped"].append(name)
-            else:
-                chosen[name] = k
+        chosen = {self.clients[k].name: k
+                  for k in self.not_dropped(rnd, self.select_clients(rnd), faults)}
         masked = isinstance(self.secure, MaskedAggregation)
         keys: dict[str, bytes] = {}
         if masked and chosen:

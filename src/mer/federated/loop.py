@@ -341,12 +341,7 @@ class FederatedRun:
         """Train the chosen clients, minus dropouts, failures and late ones (logged, counted);
         ``federated.workers`` > 1: several clients at once, in worker processes."""
         updates, faults = [], {"dropped": [], "failed": [], "late": []}
-        training = []
-        for k in chosen:
-            if self.faults.drops_out(rnd, k):
-                faults["dropped"].append(self.clients[k].name)
-            else:
-                training.append(k)
+        training = self.not_dropped(rnd, chosen, faults)
         outcomes = self._train_parallel(rnd, training) if self.workers > 1 and \
             len(training) > 1 else self._train_in_turn(rnd, training)
         for k in training:
@@ -360,6 +355,16 @@ class FederatedRun:
                 continue
             updates.append(update)
         return updates, faults
+
+    def not_dropped(self, rnd: int, chosen: list[int], faults: dict) -> list[int]:
+        """The chosen clients minus this round's dropouts (recorded in ``faults``)."""
+        present = []
+        for k in chosen:
+            if self.faults.drops_out(rnd, k):
+                faults["dropped"].append(self.clients[k].name)
+            else:
+                present.append(k)
+        return present
 
     def _train_one(self, rnd: int, k: int, anchor: list[torch.Tensor] | None
                    ) -> ClientUpdate | Exception:
