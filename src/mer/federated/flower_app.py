@@ -208,8 +208,7 @@ def train(msg: Message, context: Context) -> Message:
         last=received(kept, "last"), control=received(kept, "control"))
     if name in run.client_privacy:  # DP-SGD: this client's accountant, kept on the node
         run.client_privacy[name].accountant.history = _history(kept)
-    anchor = list(run._module(run.global_weights).net.parameters()) if run.fed.mu else None
-    update = run.train_client(node.client, rnd, k, anchor)
+    update = run.train_client(node.client, rnd, k, run.fedprox_anchor())
     state = run.state[name]
     kept["last"] = _arrays(state.last)
     if state.control is not None:

@@ -376,10 +376,13 @@ class FederatedRun:
             return e
 
     def _train_in_turn(self, rnd: int, training: list[int]) -> dict[int, ClientUpdate | Exception]:
-        # the round's global parameters, the FedProx anchor of every client (built once)
-        anchor = list(self._module(self.global_weights).net.parameters()) if self.fed.mu \
-            else None
+        anchor = self.fedprox_anchor()  # built once for every client of the round
         return {k: self._train_one(rnd, k, anchor) for k in training}
+
+    def fedprox_anchor(self) -> list[torch.Tensor] | None:
+        """The round's global parameters, the FedProx term's anchor (None without one)."""
+        return list(self._module(self.global_weights).net.parameters()) if self.fed.mu \
+            else None
 
     def _train_parallel(self, rnd: int, training: list[int]) -> dict[int, ClientUpdate | Exception]:
         """The clients' local training in ``federated.workers`` forked processes. Each job
@@ -643,8 +646,7 @@ def _train_in_worker(job: dict) -> tuple[ClientUpdate | Exception, ClientState, 
     run.state[name] = job["state"]
     if job["history"] is not None:
         run.client_privacy[name].accountant.history = job["history"]
-    anchor = list(run._module(run.global_weights).net.parameters()) if run.fed.mu else None
-    update = run._train_one(job["rnd"], k, anchor)
+    update = run._train_one(job["rnd"], k, run.fedprox_anchor())
     privacy = run.client_privacy.get(name)
     return update, run.state[name], privacy.accountant.history if privacy else None
 
