@@ -4,8 +4,9 @@ Runs the full pipeline (face, eye-level alignment, apex estimation, optional mag
 onset->apex flow; ``mer.data.preprocess.prepared``) over every sample of ``data`` and stores
 one cache entry per clip. A later ``python -m mer.run`` with the same data config trains on
 those entries (``data.prepared: auto``). An interrupted prepare resumes where it stopped.
-Writes ``prepare_report.json`` and ``.md`` (counts per class and database, every excluded
-sample with its reason, time per stage) into the run folder and next to the cache entries.
+Writes ``prepare_report.json`` and ``.md`` (counts per class and database, the apex of each
+clip and whether it was estimated, every excluded sample with its reason (failures remembered
+from an earlier run say so), time per stage) into the run folder and next to the cache entries.
 
 Examples::
 
@@ -44,6 +45,13 @@ def build_report(samples, data_cfg: DictConfig, seconds: float) -> dict[str, Any
     stages = info.get("stage_seconds", {})
     phases = info.get("phase_seconds", {})
     read = seconds - sum(phases.values())
+    meta = samples.meta
+    estimated = meta["apex_estimated"] if "apex_estimated" in meta else [False] * len(meta)
+    apex = [{"database": str(db), "subject": str(sub), "clip": str(clip), "onset": int(on),
+             "apex": int(ap), "estimated": bool(est)}
+            for db, sub, clip, on, ap, est in zip(meta["database"], meta["subject"],
+                                                  meta["clip"], meta["onset"], meta["apex"],
+                                                  estimated, strict=True)]
     return {
         "data": str(data_cfg.name), "config_id": info.get("config_id"),
         "synthetic": bool(samples.synthetic),
@@ -51,9 +59,11 @@ def build_report(samples, data_cfg: DictConfig, seconds: float) -> dict[str, Any
         "params": info.get("params"),
         "samples": len(samples.meta), "classes": list(samples.class_names),
         "counts": counts, "counts_total": {c: total.get(c, 0) for c in samples.class_names},
+        "apex": apex,
         "excluded": list(samples.excluded),
         "cache": {"dir": info.get("cache"), "hits": info.get("hits", 0),
-                  "computed": info.get("computed", 0)},
+                  "computed": info.get("computed", 0),
+                  "failures_remembered": info.get("remembered", 0)},
         "seconds": {"total": seconds, "read_tables": read, **phases,
                     "stages_summed_over_clips": {s: stages.get(s, 0.0) for s in STAGES}},
     }
@@ -62,9 +72,13 @@ def build_report(samples, data_cfg: DictConfig, seconds: float) -> dict[str, Any
 def report_markdown(report: dict[str, Any]) -> str:
     """The report as a short markdown page."""
     classes = report["classes"]
+    cache = report["cache"]
+    remembered = cache.get("failures_remembered", 0)
     lines = [f"# Prepare report: {report['data']}", "",
              f"{report['samples']} samples prepared, {len(report['excluded'])} excluded; "
-             f"cache hits {report['cache']['hits']}, computed {report['cache']['computed']}"
+             f"cache hits {cache['hits']}, computed {cache['computed']}"
+             + (f", failures remembered from an earlier run (not tried again) {remembered}"
+                if remembered else "")
              + (" (synthetic data: SynME)" if report["synthetic"] else "") + ".", "",
              "## Counts", "", "| database | " + " | ".join(classes) + " | total |",
              "|---" * (len(classes) + 2) + "|"]
@@ -81,6 +95,17 @@ def report_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {k} | {sec[k]:.2f} |")
     for k, v in sec["stages_summed_over_clips"].items():
         lines.append(f"| {k} (summed over computed clips) | {v:.2f} |")
+    apex = report.get("apex", [])
+    guessed = [a for a in apex if a["estimated"]]
+    lines += ["", f"## Apex (estimated for {len(guessed)} of {len(apex)} clips)", ""]
+    if guessed:
+        lines += ["The sheet gives no apex for these clips: the frame of largest facial motion "
+                  "after the onset was used (every clip's apex is in the JSON report).", "",
+                  "| database | subject | clip | onset | apex |", "|---|---|---|---|---|"]
+        lines += [f"| {a['database']} | {a['subject']} | {a['clip']} | {a['onset']} | "
+                  f"{a['apex']} |" for a in guessed]
+    else:
+        lines.append("Every clip's apex comes from the sheet.")
     lines += ["", f"## Excluded ({len(report['excluded'])})", ""]
     if report["excluded"]:
         lines += ["| database | subject | clip | reason |", "|---|---|---|---|"]
@@ -99,9 +124,11 @@ def write_report(report: dict[str, Any], folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{REPORT_NAME}.json"
-    tmp = path.with_suffix(".json.tmp")
+    md = folder / f"{REPORT_NAME}.md"
+    tmp, md_tmp = path.with_suffix(".json.tmp"), md.with_suffix(".md.tmp")
     tmp.write_text(json.dumps(report, indent=1, default=str))
-    (folder / f"{REPORT_NAME}.md").write_text(report_markdown(report))
+    md_tmp.write_text(report_markdown(report))
+    md_tmp.replace(md)
     tmp.replace(path)  # the JSON last: its presence marks a finished prepare
     return path
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from mer.data.preprocess import pipeline
-from mer.data.preprocess.cache import FlowCache, cache_key
+from mer.data.preprocess.cache import CacheError, FlowCache, cache_key
 from mer.data.preprocess.flow import compute_flow
 from mer.data.preprocess.pipeline import (
     FlowParams,
@@ -274,8 +274,9 @@ def test_cache_store(tmp_path):
     assert cache.get(key) is None and key not in cache
     arr = np.random.default_rng(0).random((3, 28, 28)).astype(np.float32)
     cache.put(key, arr)
-    assert cache.path(key) == tmp_path / "ab" / f"{key}.npy"
+    assert cache.path(key) == tmp_path / "ab" / f"{key}.npz" and key in cache
     np.testing.assert_array_equal(cache.get(key), arr)
-    assert [p.name for p in (tmp_path / "ab").iterdir()] == [f"{key}.npy"]  # no temp left
-    cache.path(key).write_bytes(b"truncated")  # a damaged entry reads as a miss
-    assert cache.get(key) is None
+    assert [p.name for p in (tmp_path / "ab").iterdir()] == [f"{key}.npz"]  # no temp left
+    cache.path(key).write_bytes(b"truncated")  # a damaged entry is an error naming it
+    with pytest.raises(CacheError, match=f"{key}.npz is truncated or damaged.*delete it"):
+        cache.get(key)

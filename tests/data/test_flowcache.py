@@ -314,3 +314,68 @@ def test_writer_refusals(tmp_path, written):
     dup.meta.loc[1, "clip"] = dup.meta.loc[0, "clip"]
     with pytest.raises(FlowCacheError, match="samples 0 and 1"):
         write_flowcache(dup, tmp_path / "dup")
+
+
+# ------------------------------------------------------- nothing silent, nothing lost (issue 12)
+
+
+def test_header_only_csv_is_refused(tmp_path):
+    root = tmp_path / "fc"
+    write_flowcache(make_samples(), root, loso_tree=False)
+    edit_csv(root, lambda df: df.iloc[:0])
+    with pytest.raises(FlowCacheError, match=r"flowcache\.csv has a header but no rows"):
+        read_flowcache(root)
+
+
+def test_missing_png_of_the_first_row_is_named(tmp_path):
+    root = tmp_path / "fc"
+    write_flowcache(make_samples(), root, loso_tree=False)
+    (root / "006_006_0_0 .png").unlink()
+    with pytest.raises(FlowCacheError, match=r"flowcache\.csv row 2 \(sub=006") as err:
+        read_flowcache(root)
+    assert "006_006_0_0 .png" in str(err.value) and "neither" not in str(err.value)
+
+
+def test_no_png_of_any_row_names_the_first_missing(tmp_path):
+    root = tmp_path / "fc"
+    write_flowcache(make_samples(), root, loso_tree=False)
+    for png in root.glob("*.png"):
+        png.unlink()
+    with pytest.raises(FlowCacheError, match=r"none of the 6 images.*row 2.*006_006_0_0 \.png"):
+        read_flowcache(root)
+
+
+def test_png_without_a_csv_row_is_warned_and_listed(tmp_path, caplog):
+    samples, root = make_samples(), tmp_path / "fc"
+    write_flowcache(samples, root, loso_tree=False)
+    shutil.copy(root / "006_006_0_0 .png", root / "099_099_extra .png")
+    with caplog.at_level("WARNING", logger="mer.data.databases.flowcache"):
+        back = read_flowcache(root)
+    assert_same(back, samples)  # the listed samples, and only them
+    assert back.provenance["unlisted_images"] == ["099_099_extra .png"]
+    assert [(e["clip"], e["database"]) for e in back.excluded] == [("099_099_extra",
+                                                                    "flowcache")]
+    assert "no row in" in back.excluded[0]["reason"]
+    assert "099_099_extra .png" in caplog.text and "flowcache.csv" in caplog.text
+
+
+@pytest.mark.parametrize("with_csv", [True, False])
+def test_a_single_class_is_refused(tmp_path, with_csv):
+    samples, root = make_samples(), tmp_path / "fc"
+    samples.meta["label"] = 1
+    write_flowcache(samples, root)
+    if not with_csv:
+        (root / "flowcache.csv").unlink()
+    with pytest.raises(FlowCacheError, match="at least two classes, found only 'positive'") as err:
+        read_flowcache(root)
+    assert str(root / "flowcache.csv" if with_csv else root) in str(err.value)
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    with pytest.raises(OSError, match="No space"):
+        write_flowcache(make_samples(), tmp_path / "fc")
+    assert list(tmp_path.iterdir()) == []  # neither a half cache nor a temporary folder

@@ -131,8 +131,10 @@ def load_samples(data_cfg: DictConfig, cache_dir: str | Path,
     meta = table.iloc[np.asarray(kept, dtype=np.int64)].reset_index(drop=True)
     meta = meta[["database", "subject", "clip", "label", "emotion", "au_raw", "aus", "onset",
                  "apex"]].copy()
+    # the apex used: the sheet's, or estimated by the full pipeline where the sheet had none
+    meta["apex_estimated"] = (meta["apex"] < 0).to_numpy() if full else False
     if full:
-        meta["apex"] = provenance["prepare"].pop("apex")  # estimated where the sheet had none
+        meta["apex"] = provenance["prepare"].pop("apex")
     # Databases of a family without AU annotation (SMIC) train no AU head: the mask says so.
     meta["has_aus"] = [families[db] not in NO_AU_FAMILIES for db in meta["database"]]
     provenance["flow"] = params.key()

@@ -25,6 +25,16 @@ it by writing such ids as ``<database>_<subject>`` (all rows then), and the read
 as written.
 
 A CSV column ``synthetic`` with a true value (true/1/yes) marks the samples as synthetic (SynME).
+
+What the reader refuses or reports (nothing is dropped silently):
+
+- a CSV with a header but no rows, a row whose image is missing (the row and the PNG are
+  named), an unreadable or odd-sized PNG, a label outside the classes;
+- a cache whose samples all have one label: training and UAR need at least two classes;
+- a PNG of the flat folder that no CSV row lists is *left out with a warning* (a CSV may
+  select a subset of a folder, e.g. one database of the composite) and listed in the samples'
+  ``excluded`` (reason: no row in the CSV) and ``provenance["unlisted_images"]``; a LOSO tree
+  must match the CSV exactly (an image without a row is an error there).
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -97,6 +109,10 @@ def _read_csv(path: Path, n_classes: int, class_names: list[str]) -> pd.DataFram
                              "dataset/sub/filename_o; rename them")
     for col in CSV_COLUMNS:
         df[col] = df[col].str.strip()
+    if df.empty:
+        raise FlowCacheError(f"{path} has a header but no rows; list one sample per row "
+                             f"({','.join(CSV_COLUMNS)}), or remove the CSV to read the LOSO "
+                             "folders alone")
     df["_row"] = np.arange(len(df)) + 2
 
     labels = []
@@ -161,12 +177,22 @@ def _stack(images: list[np.ndarray], paths: list[Path]) -> np.ndarray:
     return np.stack(images).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
 
 
+def _row_images(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(spaced name, fallback name) of each CSV row's image."""
+    return [(image_name(s, c), _fallback_name(s, c))
+            for s, c in zip(df["sub"], df["filename_o"], strict=True)]
+
+
 def _find_image_dir(root: Path, df: pd.DataFrame, csv_path: Path) -> Path | None:
-    """The folder holding the flat images: root, or the one subfolder that holds them."""
-    sub, clip = df["sub"].iloc[0], df["filename_o"].iloc[0]
-    names = (image_name(sub, clip), _fallback_name(sub, clip))
+    """The folder holding the flat images: root, or the one subfolder holding any of them.
+
+    Any row counts (not only the first): a folder missing some images is still found, and
+    :func:`_read_flat` then names the rows whose image is missing.
+    """
+    names = _row_images(df)
     dirs = [root] + sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob("*.png")))
-    holding = [d for d in dirs if any((d / n).is_file() for n in names)]
+    holding = [d for d in dirs
+               if any((d / a).is_file() or (d / b).is_file() for a, b in names)]
     if root in holding or not holding:
         return root if holding else None
     if len(holding) > 1:
@@ -176,7 +202,9 @@ def _find_image_dir(root: Path, df: pd.DataFrame, csv_path: Path) -> Path | None
     return holding[0]
 
 
-def _read_flat(image_dir: Path, df: pd.DataFrame, csv_path: Path) -> np.ndarray:
+def _read_flat(image_dir: Path, df: pd.DataFrame, csv_path: Path
+               ) -> tuple[np.ndarray, list[Path]]:
+    """(N, 3, H, W) images of the CSV rows, and the PNGs of ``image_dir`` no row lists."""
     images, paths = [], []
     for rec in df.to_dict("records"):
         sub, clip = rec["sub"], rec["filename_o"]
@@ -190,7 +218,22 @@ def _read_flat(image_dir: Path, df: pd.DataFrame, csv_path: Path) -> np.ndarray:
             )
         images.append(_read_png(path))
         paths.append(path)
-    return _stack(images, paths)
+    used = set(paths)
+    unlisted = sorted(p for p in image_dir.glob("*.png")
+                      if p.is_file() and not p.name.startswith(".") and p not in used)
+    return _stack(images, paths), unlisted
+
+
+def _unlisted_records(unlisted: list[Path], csv_path: Path) -> list[dict]:
+    """``excluded`` records of flat-folder PNGs that no CSV row lists (also logged)."""
+    if unlisted:
+        log.warning("%d PNG(s) in %s have no row in %s and are left out: %s; add rows for them "
+                    "or move them out of the folder", len(unlisted), unlisted[0].parent,
+                    csv_path, [p.name for p in unlisted])
+    return [{"database": TREE_DATABASE, "subject": "",
+             "clip": p.name[: -len(".png")].rstrip(" "),
+             "reason": f"{p} has no row in {csv_path}: left out; add a row for it or move it "
+                       "out of the folder"} for p in unlisted]
 
 
 def _label_dirs(split: Path, n_classes: int) -> list[tuple[int, Path]]:
@@ -305,7 +348,8 @@ def read_flowcache(
 
     Returns:
         FlowSamples with x (N, 3, H, W) float32 in [0, 1] (channels u, v, strain); meta with
-        ``database, subject, clip, label`` and the CSV's other columns (as text).
+        ``database, subject, clip, label`` and the CSV's other columns (as text); flat-folder
+        PNGs without a CSV row in ``excluded`` and ``provenance["unlisted_images"]``.
 
     Raises:
         FlowCacheError: naming the file or CSV row at fault.
@@ -317,6 +361,7 @@ def read_flowcache(
     n_classes = len(class_names)
     csv_path = _find_csv(root, csv)
     synthetic = False
+    unlisted: list[Path] = []
     if csv_path is None:
         records, paths = _read_tree(root, n_classes)
         x = _stack([_read_png(p) for p in paths], paths)
@@ -326,21 +371,47 @@ def read_flowcache(
         df = _read_csv(csv_path, n_classes, class_names)
         image_dir = _find_image_dir(root, df, csv_path)
         if image_dir is not None:
-            x, layout = _read_flat(image_dir, df, csv_path), "flat"
-        else:
+            x, unlisted = _read_flat(image_dir, df, csv_path)
+            layout = "flat"
+        elif any((d / "u_test").is_dir() for d in root.iterdir() if d.is_dir()):
             x, layout = _match_tree(root, df, csv_path, n_classes), "tree"
+        else:
+            first = df.iloc[0]
+            raise FlowCacheError(
+                f"none of the {len(df)} images listed in {csv_path} was found: row "
+                f"{first['_row']} (sub={first['sub']}, filename_o={first['filename_o']}) expects "
+                f"{root / image_name(first['sub'], first['filename_o'])!s} (or in one "
+                "subfolder of it, or the LOSO folders <sub>/u_test/<label>/); put the images "
+                "there or pass root=<the image folder>"
+            )
         if "synthetic" in df:
             synthetic = bool(df["synthetic"].str.strip().str.lower().isin(_TRUE).any())
         meta = df.drop(columns=[c for c in ("_row", "synthetic", "subject_key") if c in df])
         meta = meta.rename(columns={"dataset": "database", "sub": "subject",
                                     "filename_o": "clip"})
+    source = root if csv_path is None else csv_path
+    present = sorted(set(meta["label"].astype(int)))
+    if len(present) < 2:
+        raise FlowCacheError(
+            f"{source}: training and UAR need at least two classes, found only "
+            f"'{class_names[present[0]]}' (label {present[0]}, all {len(meta)} samples) in "
+            f"{source}; add samples of the other classes or check the labels"
+        )
     provenance = {"format": "flowcache", "root": str(root),
-                  "csv": None if csv_path is None else str(csv_path), "layout": layout}
+                  "csv": None if csv_path is None else str(csv_path), "layout": layout,
+                  "unlisted_images": [p.name for p in unlisted]}
     return FlowSamples(x=x, meta=meta, class_names=class_names, synthetic=synthetic,
-                       provenance=provenance)
+                       provenance=provenance,
+                       excluded=_unlisted_records(unlisted, source) if unlisted else [])
 
 
 # ----------------------------------------------------------------------------------- writing
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_flowcache(
@@ -351,7 +422,9 @@ def write_flowcache(
 ) -> list[str]:
     """Write samples as a flow cache: flat folder + CSV, and the LOSO tree when ``loso_tree``.
 
-    ``root`` must be new or empty. Values are stored as ``round(x * 255)``. Subject ids that
+    ``root`` must be new or empty; the cache is written into a temporary sibling folder and
+    renamed into place when complete, so a failed export leaves nothing behind. Values are
+    stored as ``round(x * 255)``. Subject ids that
     occur under several databases are written as ``<database>_<subject>`` (for all rows).
 
     Args:
@@ -412,23 +485,31 @@ def write_flowcache(
         encoded.append(buf.tobytes())
     names = [image_name(s, c) for s, c in zip(subject, clip, strict=True)]
 
-    root.mkdir(parents=True, exist_ok=True)
-    for name, data in zip(names, encoded, strict=True):
-        (root / name).write_bytes(data)
-    table = pd.DataFrame({"dataset": database, "sub": subject, "filename_o": clip,
-                          "label": label})
-    if "emotion" in meta:
-        table["emotion"] = meta["emotion"].to_numpy()
-    table["synthetic"] = bool(samples.synthetic)
-    table.to_csv(root / csv_name, index=False)
-
-    if loso_tree:
-        for owner in sorted(set(subject)):
-            for name, data, s, lab in zip(names, encoded, subject, label, strict=True):
-                split = "u_test" if s == owner else "u_train"
-                folder = root / owner / split / str(lab)
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / name).write_bytes(data)
+    # Written into a temporary sibling folder, renamed into place when complete: a failure
+    # (a full disk...) leaves neither a half-written cache nor the temporary folder.
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    try:
+        for name, data in zip(names, encoded, strict=True):
+            (tmp / name).write_bytes(data)
+        table = pd.DataFrame({"dataset": database, "sub": subject, "filename_o": clip,
+                              "label": label})
+        if "emotion" in meta:
+            table["emotion"] = meta["emotion"].to_numpy()
+        table["synthetic"] = bool(samples.synthetic)
+        table.to_csv(tmp / csv_name, index=False)
+        if loso_tree:
+            for owner in sorted(set(subject)):
+                for name, data, s, lab in zip(names, encoded, subject, label, strict=True):
+                    split = "u_test" if s == owner else "u_train"
+                    folder = tmp / owner / split / str(lab)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    (folder / name).write_bytes(data)
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp made it private; a cache folder is not
+        os.replace(tmp, root)  # root is absent or an empty folder
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for note in notes:
         log.info("write_flowcache %s: %s", root, note)
     return notes

@@ -4,7 +4,9 @@ motion relative to onset.
 Each candidate frame's flow from onset (DIS, fast and good at small motion) is reduced to its
 local part: the best affine fit of the flow (head translation, rotation, zoom) is subtracted.
 Its score is the mean of the largest 5% residual magnitudes (a micro-expression moves a small
-part of the face); the apex is the candidate with the largest score.
+part of the face); the apex is the candidate with the largest score. Only the face counts when
+a mask is given: the pipeline passes :func:`face_mask` (the convex hull of the 68 landmarks),
+so hair, background and clothes moving in the crop's corners do not pick the apex.
 """
 
 from __future__ import annotations
@@ -12,9 +14,21 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from mer.data.preprocess.flow import compute_flow
+
+
+def face_mask(landmarks: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) bool: the pixels inside the convex hull of ``landmarks``.
+
+    landmarks: (68, 2) iBUG points (x, y) in the pixels of a ``size`` x ``size`` crop.
+    """
+    points = np.round(np.asarray(landmarks, dtype=np.float64)).astype(np.int32)
+    mask = np.zeros((size, size), np.uint8)
+    cv2.fillConvexPoly(mask, cv2.convexHull(points), 1)
+    return mask.astype(bool)
 
 
 def frame_path(onset_path: str | Path, onset: int, k: int) -> Path:

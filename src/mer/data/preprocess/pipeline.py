@@ -66,18 +66,52 @@ class FlowParams:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), default=str)
 
 
+def read_frame(path: str | os.PathLike, sample: str, flags: int = cv2.IMREAD_COLOR
+               ) -> np.ndarray:
+    """A frame file decoded by ``cv2.imread(path, flags)``, after checking that it decodes
+    fully (``cv2.imread`` returns what it could decode of a truncated JPEG, the rest grey).
+
+    Raises:
+        PreprocessError: the file is missing, truncated or corrupt; names the sample and file.
+    """
+    from mer.data.databases.common import image_problem
+
+    if not Path(path).is_file():
+        raise PreprocessError(f"{sample}: frame file {path} does not exist; check the database "
+                              "root and the sample's frame numbers")
+    problem = image_problem(path)  # names the file, the decoder's complaint and the fix
+    if problem:
+        raise PreprocessError(f"{sample}: cannot decode frame file fully: {problem}")
+    image = cv2.imread(str(path), flags)
+    if image is None:
+        raise PreprocessError(f"{sample}: cannot decode frame file {path} (OpenCV cannot read "
+                              "it); replace or re-extract it")
+    return image
+
+
 def _read_grey(path: str | os.PathLike, grey: bool, sample: str) -> np.ndarray:
     if not str(path):
         raise PreprocessError(f"{sample}: no frame path given (apex unknown?); choose an apex "
                               "frame for this sample before preprocessing")
-    if not Path(path).is_file():
-        raise PreprocessError(f"{sample}: frame file {path} does not exist; check the database "
-                              "root and the sample's frame numbers")
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
-    if image is None:
-        raise PreprocessError(f"{sample}: cannot decode frame file {path} (corrupt or not an "
-                              "image); replace or re-extract it")
+    image = read_frame(path, sample, cv2.IMREAD_GRAYSCALE if grey else cv2.IMREAD_COLOR)
     return image if grey else to_grey(image)
+
+
+def check_finite_flow(flow: np.ndarray, sample: str, frames: str) -> None:
+    """PreprocessError when a flow field holds NaN/inf: normalising would turn the whole
+    channel into zeros without a word."""
+    if not np.isfinite(flow).all():
+        bad = int((~np.isfinite(flow)).any(axis=-1).sum())
+        raise PreprocessError(f"{sample}: optical flow {frames} gave non-finite values at {bad} "
+                              "pixels; check the frames, or try another data.flow.method")
+
+
+def skip_hint(message: str, on_error: str) -> str:
+    """``message`` with, under ``on_error=raise``, how to leave such samples out instead."""
+    if on_error != "raise":
+        return message
+    return (f"{message} (or set data.on_error=skip to leave such samples out; they are listed "
+            "in the report)")
 
 
 def minmax_normalise(stack: np.ndarray) -> np.ndarray:
@@ -123,6 +157,7 @@ def flow_image(
     except cv2.error as exc:
         raise PreprocessError(f"{sample}: optical flow failed on {onset_path} -> {apex_path}: "
                               f"{exc}") from exc
+    check_finite_flow(flow, sample, f"{onset_path} -> {apex_path}")
     stack = np.concatenate([flow.transpose(2, 0, 1), optical_strain(flow)[None]], axis=0)
     stack = minmax_normalise(stack)
     out = cv2.resize(stack.transpose(1, 2, 0), (params.out_size, params.out_size),
@@ -220,9 +255,8 @@ def flow_images(
 
     def fail(pos: int, message: str) -> None:
         if on_error == "raise":
-            raise PreprocessError(message)
+            raise PreprocessError(skip_hint(message, on_error))
         errors[pos] = message
-
 
     params_key = params.key()
     columns = [TextColumn("[bold]flow images"), BarColumn(), MofNCompleteColumn(),
@@ -249,6 +283,8 @@ def flow_images(
                     continue
             tasks.append((pos, onset_path, apex_path, params, sample))
 
+        if cache is not None and tasks:
+            cache.check_writable()  # a read-only cache fails now, not after the computing
         # closing(): on a raise, stop the workers now rather than when garbage collected
         with closing(_run(tasks, workers)) as results:
             for pos, image, error in results:

@@ -5,7 +5,8 @@ Per clip (:func:`prepare_clip`):
 1. read the onset frame; find the face and its iBUG-68 landmarks (``face.py``);
 2. one eye-level similarity transform for the clip: a square ``size`` px crop (``align.py``);
 3. the apex: the sheet's, or, when it has none (apex -1, SMIC), the frame of largest flow
-   magnitude relative to onset over onset..offset (``apex.py``);
+   magnitude relative to onset over onset..offset, on the face only (the convex hull of the
+   landmarks; ``apex.py``);
 4. optional Eulerian magnification of the aligned onset..apex frames (``magnify.py``);
 5. onset -> apex optical flow on the aligned crops, optical strain, each channel min-max
    normalised: ``flow_hi`` (3, size, size) for landmark patches, area-resized to ``flow``
@@ -14,7 +15,10 @@ Per clip (:func:`prepare_clip`):
 Over a sample table (:func:`prepare_table`): each clip's entry is looked up in a
 :class:`FlowCache` by the sha256 of the frames it uses and the parameters; misses are computed
 in worker processes and stored atomically as they arrive, so an interrupted run resumes where it
-stopped. Without a face detector (``detector: none``) the whole frame is resized to the crop.
+stopped. A clip that fails (no face, a corrupt frame...) is remembered under the same key with
+its reason, so later runs list it without trying again (nor loading the detector) until its
+frames or the parameters change. Without a face detector (``detector: none``) the whole frame
+is resized to the crop.
 """
 
 from __future__ import annotations
@@ -37,21 +41,25 @@ import pandas as pd
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mer.data.preprocess.align import alignment_matrix, resize_points, transform_points, warp
-from mer.data.preprocess.apex import estimate_apex, frame_path
+from mer.data.preprocess.apex import estimate_apex, face_mask, frame_path
 from mer.data.preprocess.cache import FlowCache, cache_key
 from mer.data.preprocess.flow import METHODS, compute_flow, to_grey
 from mer.data.preprocess.pipeline import (
     ON_ERROR,
     PreprocessError,
+    check_finite_flow,
     frame_sha256,
     minmax_normalise,
+    read_frame,
+    skip_hint,
 )
 from mer.data.preprocess.strain import optical_strain
 
 STAGES = ("read", "face", "align", "apex", "magnify", "flow", "post")
 ROW_COLUMNS = ("database", "subject", "clip", "onset", "apex", "offset", "onset_path",
                "apex_path")
-VERSION = "1"  # bump when prepare_clip's output changes for the same inputs and parameters
+# bump when prepare_clip's output changes for the same inputs and parameters
+VERSION = "2"  # 2: apex estimated on the face only; entries carry their content hash
 
 
 @dataclass
@@ -157,15 +165,9 @@ def describe(row: dict[str, Any]) -> str:
 
 
 def _read(path: str | Path, sample: str) -> np.ndarray:
-    """(H, W, 3) BGR uint8 frame; PreprocessError naming the sample and file otherwise."""
-    if not Path(path).is_file():
-        raise PreprocessError(f"{sample}: frame file {path} does not exist; check the database "
-                              "root and the sample's frame numbers")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise PreprocessError(f"{sample}: cannot decode frame file {path} (corrupt or not an "
-                              "image); replace or re-extract it")
-    return image
+    """(H, W, 3) BGR uint8 frame, fully decoded; PreprocessError naming the sample and file
+    when it is missing, truncated or corrupt."""
+    return read_frame(path, sample, cv2.IMREAD_COLOR)
 
 
 def _last_frame(row: dict[str, Any]) -> int:
@@ -242,15 +244,16 @@ def prepare_clip(row: dict[str, Any], params: PrepareParams) -> dict[str, np.nda
     lap("read")
     size = params.size
     landmarks = np.full((68, 2), np.nan)
+    region = None  # the face's pixels in the crop, where the apex is looked for
     detector = _detector(params)
     if detector is not None:
         face = detector(onset_bgr)
         if face is None:
             raise PreprocessError(f"{sample}: no face found on the onset frame {frames[0][1]}; "
-                                  "check the frame, lower data.face.min_confidence, or set "
-                                  "data.on_error=skip to leave the sample out")
+                                  "check the frame or lower data.face.min_confidence")
         matrix = alignment_matrix(face.landmarks, size, params.margin)
         landmarks = transform_points(face.landmarks, matrix)
+        region = face_mask(landmarks, size)
     else:
         h, w = onset_bgr.shape[:2]
         matrix = np.array([[size / w, 0, 0.5 * size / w - 0.5],
@@ -280,7 +283,8 @@ def prepare_clip(row: dict[str, Any], params: PrepareParams) -> dict[str, np.nda
         if len(numbers) < 2:
             raise PreprocessError(f"{sample}: no apex in the sheet and no frame after the onset "
                                   f"{frames[0][1]} to estimate one from")
-        apex = estimate_apex([crops[k] for k in numbers], numbers, method=params.apex_method)
+        apex = estimate_apex([crops[k] for k in numbers], numbers, mask=region,
+                             method=params.apex_method)
         lap("apex")
     if apex not in crops:
         crops[apex] = aligned(_read(frames[-1][1], sample))
@@ -301,6 +305,7 @@ def prepare_clip(row: dict[str, Any], params: PrepareParams) -> dict[str, np.nda
     except cv2.error as exc:
         raise PreprocessError(f"{sample}: optical flow failed on {frames[0][1]} -> apex "
                               f"{apex}: {exc}") from exc
+    check_finite_flow(flow, sample, f"{frames[0][1]} -> apex {apex}")
     lap("flow")
     stack = np.concatenate([flow.transpose(2, 0, 1), optical_strain(flow)[None]], axis=0)
     flow_hi = minmax_normalise(stack)
@@ -331,6 +336,8 @@ class PreparedSet:
         stage_seconds: summed seconds per stage over the clips computed in this run.
         phase_seconds: wall seconds of ``hash`` (hashing + cache lookup) and ``compute``.
         hits, computed: clips found in the cache / computed now.
+        remembered: failures listed from the cache (not tried again: same input as the run
+            that failed); they are in ``failures`` too, their reason saying so.
     """
 
     x: np.ndarray
@@ -343,6 +350,7 @@ class PreparedSet:
     phase_seconds: dict[str, float]
     hits: int
     computed: int
+    remembered: int = 0
 
     def landmarks_at(self, size: int) -> np.ndarray:
         """(K, 68, 2) landmarks in the pixel frame of a ``size`` x ``size`` image."""
@@ -378,6 +386,9 @@ def _run(tasks: list[tuple], workers: int) -> Generator[tuple[int, dict | None, 
         yield from pool.imap(_work, tasks, chunksize=1)
 
 
+FAILURE = "failure"  # the array of a remembered failure entry: its reason
+
+
 def entry_key(row: dict[str, Any], params: PrepareParams, shas: dict[str, str]) -> str:
     """Cache key of a clip: sha256 of the frames it uses + the parameters + VERSION."""
     sample = describe(row)
@@ -405,6 +416,11 @@ def prepare_table(
         on_error: ``raise`` stops at the first bad sample; ``skip`` leaves it out, listed in
             ``failures`` with its reason.
         progress: show a rich progress bar.
+
+    Raises:
+        PreprocessError: a bad sample under ``on_error=raise`` (naming it, its row and file).
+        CacheError: a changed or damaged cache entry (naming the file to delete); a cache that
+            is not writable while clips need computing (before any is computed); a full disk.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {list(ON_ERROR)}, got {on_error!r}")
@@ -423,11 +439,11 @@ def prepare_table(
     stage_seconds = dict.fromkeys(STAGES, 0.0)
     keys: dict[int, str] = {}
     shas: dict[str, str] = {}
-    hits = computed = 0
+    hits = computed = remembered = 0
 
     def fail(pos: int, message: str) -> None:
         if on_error == "raise":
-            raise PreprocessError(message)
+            raise PreprocessError(skip_hint(message, on_error))
         errors[pos] = message
 
     def take(pos: int, entry: dict) -> None:
@@ -448,7 +464,14 @@ def prepare_table(
                     fail(pos, str(exc))
                     bar.advance(job)
                     continue
-                entry = cache.get_arrays(keys[pos])
+                entry = cache.get_arrays(keys[pos], finite=("flow", "flow_hi"))
+                if entry is not None and FAILURE in entry:
+                    remembered += 1
+                    bar.advance(job)
+                    fail(pos, f"{entry[FAILURE]} [remembered from an earlier run: not tried "
+                              "again until the clip's frames or the parameters change; delete "
+                              f"{cache.path(keys[pos])} to try now]")
+                    continue
                 if entry is not None and entry.get("flow_hi", np.empty(0)).shape == (3, size,
                                                                                      size):
                     take(pos, entry)
@@ -456,10 +479,14 @@ def prepare_table(
                     bar.advance(job)
                     continue
             tasks.append((pos, row, params))
+        if cache is not None and tasks:
+            cache.check_writable()  # a read-only cache fails now, not after the computing
         t1 = time.perf_counter()
         with closing(_run(tasks, workers)) as results:
             for pos, entry, error in results:
                 if error is not None:
+                    if cache is not None:  # remembered: not tried again for the same input
+                        cache.put_arrays(keys[pos], {FAILURE: np.array(error)})
                     fail(pos, error)
                 else:
                     take(pos, entry)
@@ -474,7 +501,8 @@ def prepare_table(
                  "clip": rows[p]["clip"], "reason": errors[p]} for p in sorted(errors)]
     kept = np.flatnonzero(ok)
     return PreparedSet(x[kept], x_hi[kept], lms[kept], apex[kept], kept, failures,
-                       stage_seconds, {"hash": t1 - t0, "compute": t2 - t1}, hits, computed)
+                       stage_seconds, {"hash": t1 - t0, "compute": t2 - t1}, hits, computed,
+                       remembered)
 
 
 # ----------------------------------------------------------------------------- data configs
@@ -537,7 +565,8 @@ def prepared_images(
             frac = np.stack(list(table["landmarks"].iloc[res.kept]))
             landmarks = (frac * params.out_size - 0.5).astype(np.float32)
     info = {"params": json.loads(params.key()), "cache": str(root), "hits": res.hits,
-            "computed": res.computed, "stage_seconds": res.stage_seconds,
+            "computed": res.computed, "remembered": res.remembered,
+            "stage_seconds": res.stage_seconds,
             "phase_seconds": res.phase_seconds, "apex": res.apex.tolist(),
             "config_id": config_id(data_cfg)}
     return res.x, res.kept, res.failures, landmarks, info
