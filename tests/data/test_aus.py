@@ -1,3 +1,4 @@
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -61,3 +62,22 @@ def test_every_au_string_in_real_sheets_parses(annotation_sheet, sheet, column, 
             empty.append(i + 2)
     assert unknown == unknown_by_row  # sheet row -> tokens that are not AUs
     assert empty == []  # every cell yields at least one AU
+
+
+@pytest.mark.parametrize("value,invalid", [
+    (-4, ("-4",)), (1000, ("1000",)), (0, ("0",)), (4.5, ("4.5",)), (float("inf"), ("inf",)),
+    (True, ("True",)), ("4+AU100", ("100",)), ("-4", ("-4",)), ("R0+12", ("0",)),
+    ("12+4.5", ("4.5",)),
+])
+def test_numbers_outside_facs_are_invalid_not_aus(value, invalid):
+    """Numeric cells -4 and 1000 were parsed as AUs (an Excel TRUE as AU 1)."""
+    parsed = parse_au_string(value)
+    assert parsed.invalid == invalid
+    assert all(1 <= au <= 99 for au in parsed.aus) and parsed.unknown == ()
+
+
+@pytest.mark.parametrize("value,aus", [(1, (1,)), (99, (99,)), ("AU99", (99,)), ("12.0", (12,)),
+                                       (np.int64(7), (7,)), ("R1+L99B", (1, 99))])
+def test_facs_range_bounds(value, aus):
+    parsed = parse_au_string(value)
+    assert (parsed.aus, parsed.invalid) == (aus, ())

@@ -126,3 +126,81 @@ def test_real_casme2_sheet_composite_counts(annotation_sheet, tmp_path):
     kept, classes, _ = apply_label_scheme(table, "casme2_5class", "casme2")
     assert kept["label"].map(lambda i: classes[i]).value_counts().to_dict() == {
         "others": 94, "disgust": 63, "happiness": 32, "repression": 27, "surprise": 25}
+
+
+# --- issue 12: nothing silent, nothing lost (bad cells are row errors, never raw exceptions) ---
+
+def _rewrite_sheet(root, rows):
+    """The sheet of ``root`` rewritten with ``rows`` (frames left as they are)."""
+    cells = [[s, c, None, on, ap, off, None, au, em] for s, c, on, ap, off, au, em in rows]
+    pd.DataFrame(cells, columns=HEADER).to_excel(root / "CASME2-coding-20140508.xlsx",
+                                                 index=False)
+    return root
+
+
+@pytest.mark.parametrize("onset,apex,offset,problem", [
+    ("inf", 15, 19, r"'inf' is not a frame number"),
+    (10, "1e400", 19, r"'1e400' is not a frame number"),
+    (10, 13.5, 19, r"13\.5 is not a whole frame number"),
+    (10, "13.5", 19, r"13\.5 is not a whole frame number"),
+    (10, 15, -7, r"negative frame number -7"),
+    (10, -5, 19, r"negative frame number -5"),
+    (10, 15, 10**18, r"offset 1000000000000000000 after the last frame on disk \(19 in "),
+    (10, 15, 25, r"offset 25 after the last frame on disk \(19 in .*sub02/EP01_01\)"),
+    (10, 15, "9" * 5000, r"'9{20}.*' is not a frame number"),
+])
+def test_bad_frame_cells_are_row_errors(tmp_path, onset, apex, offset, problem):
+    """Overflow, fractions, negatives and offsets past the frames on disk name the row; with
+    on_error=skip the row is listed and the others are kept."""
+    root = build_tree(tmp_path, ROWS)
+    rows = ROWS[:2] + [(2, "EP01_01", onset, apex, offset, "R14", "repression")] + ROWS[3:]
+    _rewrite_sheet(root, rows)
+    with pytest.raises(DatabaseError, match=r"row 4 \(sub02 EP01_01\): " + problem):
+        read_casme2(root)
+    table, skipped = read_casme2(root, on_error="skip")
+    assert list(table["row"]) == [2, 3, 5, 6]
+    assert [s["clip"] for s in skipped] == ["EP01_01"]
+    assert skipped[0]["reason"].startswith("CASME2-coding-20140508.xlsx row 4: ")
+
+
+def test_minus_one_and_blank_still_mean_not_annotated(tmp_path):
+    root = build_tree(tmp_path, ROWS)
+    _rewrite_sheet(root, [(1, "EP02_01f", 10, -1, 18.0, "12", "happiness"),
+                          (1, "EP03_02", 11, None, -1, "4+7", "disgust")])
+    table, _ = read_casme2(root)
+    assert list(table["apex"]) == [-1, -1] and list(table["offset"]) == [18, -1]
+    assert table["onset"].map(type).tolist() == [int, int]
+
+
+@pytest.mark.parametrize("subject,clip,problem", [
+    (1, "E" * 300, r"clip name 'E{20}.*' is 300 bytes long: a file name holds at most 255"),
+    (1, "é" * 200, r"clip name 'é{20}.*' is 400 bytes long"),
+    (1, "../sub01/EP02_01f", r"clip name '\.\./sub01/EP02_01f' is not a folder name \(holds '/'"),
+    ("²", "EP01_01", r"frame folder missing: .*CASME2_RAW_selected/²/EP01_01"),
+    ("①", "EP01_01", r"frame folder missing: .*CASME2_RAW_selected/①/EP01_01"),
+    ("9" * 5000, "EP01_01", r"subject name '9{20}.*' is 5000 bytes long"),
+])
+def test_bad_names_are_row_errors(tmp_path, subject, clip, problem):
+    """Over-long names raised OSError, '²'/'①' ValueError; '../' read another clip's frames."""
+    root = _rewrite_sheet(build_tree(tmp_path, ROWS), ROWS[:2] + [
+        (subject, clip, 10, 15, 19, "R14", "repression")] + ROWS[3:])
+    with pytest.raises(DatabaseError, match=r"row 4 .*" + problem):
+        read_casme2(root)
+    table, skipped = read_casme2(root, on_error="skip")
+    assert list(table["row"]) == [2, 3, 5, 6] and len(skipped) == 1
+    assert skipped[0]["reason"].startswith("CASME2-coding-20140508.xlsx row 4: ")
+
+
+@pytest.mark.parametrize("au,problem", [
+    (-4, r"AU -4 is not a FACS code \(1\.\.99\)"),
+    (1000, r"AU 1000 is not a FACS code \(1\.\.99\)"),
+    ("4+AU100", r"AU 100 is not a FACS code"),
+    (4.5, r"AU 4\.5 is not a FACS code"),
+])
+def test_au_cells_outside_facs_are_row_errors(tmp_path, au, problem):
+    root = _rewrite_sheet(build_tree(tmp_path, ROWS), ROWS[:2] + [
+        (2, "EP01_01", 10, 15, 19, au, "repression")] + ROWS[3:])
+    with pytest.raises(DatabaseError, match=r"row 4 \(sub02 EP01_01\): " + problem):
+        read_casme2(root)
+    table, skipped = read_casme2(root, on_error="skip")
+    assert len(table) == 4 and "not a FACS code" in skipped[0]["reason"]

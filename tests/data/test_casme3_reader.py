@@ -103,3 +103,41 @@ def test_real_sheet_through_the_reader(annotation_sheet, build, tmp_path):
         "disgust": 250, "surprise": 187, "others": 161, "fear": 86, "anger": 64, "sad": 57,
         "happy": 55}
     assert table["au_unknown"].map(len).sum() == 0  # every AU string of the sheet parses
+
+
+def test_objective_and_frames_checked_per_row(build, tmp_path):
+    """VIII was kept as a class; an offset of 10**18 and a negative apex were kept."""
+    root = build_casme3(build, tmp_path)
+    sheet = root / "cas(me)3_part_A_ME_label_JpgIndex_v2.xlsx"
+    for bad, problem in [((62, 68, 96, "L1+2", "VIII"), r"objective class 'VIII'"),
+                         ((62, 68, 10**18, "L1+2", "II"), r"offset 10{18} after the last frame"),
+                         ((62, -3, 96, "L1+2", "II"), r"negative frame number -3"),
+                         ((62, 68, 96, -4, "II"), r"AU -4 is not a FACS code")]:
+        onset, apex, offset, au, objective = bad
+        cells = [[*r, None] for r in ROWS[:3]] + [
+            ["spNO.2", "e", onset, apex, offset, au, objective, "surprise", None]]
+        build.sheet(sheet, HEADER, cells)
+        with pytest.raises(DatabaseError, match=r"row 5 \(spNO.2 e_62\): " + problem):
+            read_database("casme3", root)
+        table, excluded = read_database("casme3", root, on_error="skip")
+        assert list(table["row"]) == [2, 3, 4] and excluded[0]["clip"] == "e_62"
+
+
+def test_blank_filename_is_no_clip(build, tmp_path):
+    """A blank Filename made the clip id '_62' and looked for frames in spNO.2/color."""
+    root = build_casme3(build, tmp_path)
+    cells = [[*r, None] for r in ROWS[:3]] + [["spNO.2", None, 62, 68, 96, "4", "II", "fear", None]]
+    build.sheet(root / "cas(me)3_part_A_ME_label_JpgIndex_v2.xlsx", HEADER, cells)
+    with pytest.raises(DatabaseError, match=r"row 5 \(spNO.2 \): no subject or no clip name"):
+        read_database("casme3", root)
+
+
+def test_onset_written_as_text_is_the_same_clip(build, tmp_path):
+    """Found by the fuzz test: onset '166.0' (text) made clip 'b_166.0' beside 'b_166', so the
+    same expression was read twice."""
+    root = build_casme3(build, tmp_path)
+    cells = [[*r, None] for r in ROWS] + [["spNO.1", "b", "166.0", 175, 179, "4", "III",
+                                           "disgust", None]]
+    build.sheet(root / "cas(me)3_part_A_ME_label_JpgIndex_v2.xlsx", HEADER, cells)
+    with pytest.raises(DatabaseError, match=r"row 6 \(spNO.1 b_166\): duplicate of row 3"):
+        read_database("casme3", root)

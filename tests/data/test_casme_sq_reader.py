@@ -81,3 +81,31 @@ def test_unknown_video_name(build, tmp_path):
     (root / "rawpic/s15/15_0401anger1_sceneA").rename(root / "rawpic/s15/gone")
     with pytest.raises(DatabaseError, match=r"row 3 .*video folder missing: .*s15/15_0401"):
         read_intervals("casme_sq", root)
+
+
+def test_data_rows_are_never_dropped_silently(build, tmp_path):
+    """A row whose onset is not a number was dropped as a 'title'; a blank participant read as
+    subject 's'. Title lines and a header row are still left out."""
+    root = build_casme_sq(build, tmp_path)
+    codes = [("CAS(ME)^2 code list",), ("subject", "expression", "onset", "apex", "offset"),
+             *CODES[:3], (2, "disgust1_1", "thirty", 35, 40, "1+2", "surprise", "micro", "s"),
+             (None, "disgust1_1", 30, 35, 40, "1+2", "surprise", "micro", "s")]
+    build.sheet(root / "CAS(ME)^2code_final.xlsx", None, codes,
+                extra={"naming rule1": SUBJECT_NAMES, "naming rule2": VIDEO_NAMES})
+    with pytest.raises(DatabaseError, match=r"row 6 .*'thirty' is not a frame number"):
+        read_intervals("casme_sq", root)
+    intervals, excluded = read_intervals("casme_sq", root, on_error="skip")
+    assert list(intervals["row"]) == [3, 4, 5]
+    assert [e["reason"].split(": ", 1)[1] for e in excluded] == [
+        "'thirty' is not a frame number (a whole number >= 0; blank, '/' or -1: not annotated)",
+        "no participant number"]
+
+
+def test_interval_past_the_last_frame(build, tmp_path):
+    codes = CODES[:3] + [(2, "disgust1_1", 30, 35, 10**18, "1+2", "surprise", "micro", "s")]
+    root = build_casme_sq(build, tmp_path, CODES)  # frames of the good rows only
+    build.sheet(root / "CAS(ME)^2code_final.xlsx", None, codes,
+                extra={"naming rule1": SUBJECT_NAMES, "naming rule2": VIDEO_NAMES})
+    with pytest.raises(DatabaseError, match=r"row 4 .*offset 10{18} after the last frame on "
+                                            r"disk \(40 in .*16_0101disgustingteeth\)"):
+        read_intervals("casme_sq", root)

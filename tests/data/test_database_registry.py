@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from mer.data.databases import DATABASES, LONG_VIDEO, DatabaseError, read_database, read_intervals
 from mer.data.databases.common import Problems
-from mer.data.labels import apply_label_scheme
+from mer.data.labels import LabelError, apply_label_scheme
 from mer.data.sources import DataConfigError, read_tables
 from mer.run import CONFIG_DIR
 
@@ -96,3 +96,32 @@ def test_megc2019_composite_from_the_real_sheets(annotation_sheet, build, tmp_pa
     assert counts == {"casme2": [88, 32, 25], "samm": [92, 26, 15], "smic": [1, 0, 1]}
     assert kept.groupby("database")["subject"].nunique().to_dict() == {
         "casme2": 24, "samm": 28, "smic": 2}
+
+
+def _table(emotions, objective=None):
+    n = len(emotions)
+    return pd.DataFrame({"database": ["synA"] * n, "subject": [f"s{i}" for i in range(n)],
+                         "clip": [f"c{i}" for i in range(n)], "emotion": emotions,
+                         "objective": objective or [""] * n, "aus": [(12,)] * n,
+                         "row": list(range(2, n + 2))})
+
+
+def test_emotion_scheme_blank_and_spelling():
+    """A blank emotion became a class named ''; 'Anger ' beside 'anger' raised ValueError."""
+    kept, classes, excluded = apply_label_scheme(_table(["anger", "Anger ", "", "fear"]),
+                                                 "emotion", "samm")
+    assert classes == ["anger", "fear"] and list(kept["label"]) == [0, 0, 1]
+    assert excluded == [{"database": "synA", "subject": "s2", "clip": "c2",
+                         "reason": "no emotion in the sheet (row 4)"}]
+
+
+def test_mapping_keys_any_case_and_unknown_family():
+    """{'Happiness': ...} matched nothing (every sample excluded); a database missing from the
+    family mapping raised a bare KeyError."""
+    kept, classes, excluded = apply_label_scheme(
+        _table(["happiness", "fear"]), {"Happiness": "positive", " Fear": "negative"}, "x")
+    assert classes == ["negative", "positive"] and list(kept["label"]) == [1, 0]
+    with pytest.raises(LabelError, match=r"database 'synA' has no family in \{'samm': 'samm'\}"):
+        apply_label_scheme(_table(["fear"]), "composite", {"samm": "samm"})
+    with pytest.raises(LabelError, match=r"'Fear' and ' fear' .*both map 'fear'"):
+        apply_label_scheme(_table(["fear"]), {"Fear": "a", " fear": "b"}, "x")

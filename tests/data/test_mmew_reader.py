@@ -42,3 +42,18 @@ def test_unknown_emotion(build, tmp_path):
     rows = ROWS[:2] + [("S02", "contempt_1", 2, 9, 25, "L14", "contempt")]
     with pytest.raises(DatabaseError, match=r"row 4 .*unknown emotion 'contempt'"):
         read_database("mmew", build_mmew(build, tmp_path, rows))
+
+
+def test_emotion_that_is_no_folder_name(build, tmp_path):
+    """The emotion names the frame folder: '../happiness' read frames outside the tree, a blank
+    one read Micro_Expression/<clip> (with emotions=None, which accepts any word)."""
+    root = build_mmew(build, tmp_path)
+    build.frames(root / "happiness" / "c1", {1, 2, 3}, name="{}.jpg")  # beside the tree
+    build.frames(root / "Micro_Expression" / "c2", {1, 2, 3}, name="{}.jpg")
+    rows = ROWS + [("S03", "c1", 1, 2, 3, "4", "../happiness"), ("S03", "c2", 1, 2, 3, "4", None)]
+    build.sheet(root / "MMEW_Micro_Exp.xlsx", HEADER, [[*r, None] for r in rows])
+    table, excluded = read_database("mmew", root, on_error="skip", emotions=None)
+    assert list(table["row"]) == [2, 3, 4]
+    assert [e["reason"] for e in excluded] == [
+        "MMEW_Micro_Exp.xlsx row 5: emotion '../happiness' is not a folder name (holds '/', "
+        "NUL or is '.' / '..')", "MMEW_Micro_Exp.xlsx row 6: no emotion"]

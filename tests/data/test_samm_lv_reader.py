@@ -72,3 +72,21 @@ def test_sheet_without_type_column(build, tmp_path):
                 [[6, "006_1_1", 1, 566, 648, 743, 178, "4+7", None]], above=10)
     with pytest.raises(DatabaseError, match=r"no type \(macro/micro\) column"):
         read_intervals("samm_lv", root)
+
+
+def test_blank_filename_and_offset_past_the_video(build, tmp_path):
+    """A blank Filename gave an interval with video '' (the frame folder was the tree itself);
+    an offset of 10**18 was never checked against the frames on disk."""
+    root = build_samm_lv(build, tmp_path)
+    cells = [[s, n, 1, on, ap, off, 1, t, au, None] for s, n, on, ap, off, t, au in ROWS[:2]]
+    cells += [[6, None, 1, 10, 20, 60, 51, "Micro - 1/2", "4", None],
+              [7, "007_3_1", 1, 3306, 3342, 10**18, 1, "Micro - 1/2", "24", None]]
+    build.sheet(root / "SAMM_LongVideos_V2_Release.xlsx", HEADER, cells, above=10)
+    with pytest.raises(DatabaseError, match=r"row 14 \(006 \): no video name"):
+        read_intervals("samm_lv", root)
+    intervals, excluded = read_intervals("samm_lv", root, on_error="skip")
+    assert list(intervals["row"]) == [12, 13]
+    assert [e["reason"] for e in excluded] == [
+        "SAMM_LongVideos_V2_Release.xlsx row 14: no video name",
+        "SAMM_LongVideos_V2_Release.xlsx row 15: offset 1000000000000000000 after the last "
+        f"frame on disk (3382 in {root / 'SAMM_longvideos/007_3'})"]

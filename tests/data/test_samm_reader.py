@@ -125,3 +125,29 @@ def test_real_sheet_through_the_reader(annotation_sheet, build, tmp_path):
     assert by_class == {"VII": 84, "I": 24, "III": 20, "II": 13, "IV": 8, "VI": 7, "V": 3}
     unknown = {row: toks for row, toks in zip(table["row"], table["au_unknown"]) if toks}
     assert unknown == {122: ("soft focus",)}  # sheet row 122: "R14+17+soft focus"
+
+
+@pytest.mark.parametrize("objective,problem", [
+    ("①", r"objective class '①' is not one of I\.\.VII \(or 1\.\.7\)"),
+    ("²", r"objective class '²' is not one of I\.\.VII"),
+    (9, r"objective class '9' is not one of I\.\.VII"),
+    ("VIII", r"objective class 'VIII' is not one of I\.\.VII"),
+])
+def test_objective_class_outside_i_to_vii_is_a_row_error(build, tmp_path, objective, problem):
+    """'①'/'²' passed str.isdigit() and raised ValueError; 9 and VIII were kept as classes."""
+    rows = ROWS[:3] + [(11, "011_2_1", 20, 25, 40, "1+2", "Surprise", objective)]
+    root = build_samm(build, tmp_path, rows)
+    with pytest.raises(DatabaseError, match=r"row 18 \(011 011_2_1\): " + problem):
+        read_database("samm", root)
+    table, excluded = read_database("samm", root, on_error="skip")
+    assert list(table["row"]) == [15, 16, 17] and "objective class" in excluded[0]["reason"]
+
+
+def test_subject_cell_in_unicode_digits(build, tmp_path):
+    """'²' as subject: ValueError from int(); now the folder it names is missing, at its row."""
+    root = build_samm(build, tmp_path)
+    cells = [["²", "011_2_1", 1, 20, 25, 40, 0, "Micro", "1+2", "Surprise", 2, None]]
+    build.sheet(root / "SAMM_Micro_FACS_Codes_v2.xlsx", HEADER, cells, above=13)
+    with pytest.raises(DatabaseError, match=r"row 15 \(² 011_2_1\): frame folder missing"):
+        read_database("samm", root)
+    assert read_database("samm", root, on_error="skip")[1][0]["subject"] == "²"

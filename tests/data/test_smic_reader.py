@@ -64,3 +64,10 @@ def test_unknown_emotion_folder(build, tmp_path):
 def test_not_a_smic_tree(tmp_path):
     with pytest.raises(DatabaseError, match=r"no SMIC-HS subject folders"):
         read_database("smic", tmp_path)
+
+
+def test_folder_name_with_unicode_digits(build, tmp_path):
+    """'²' in a clip folder name: str.isdigit() accepted it and int() raised ValueError."""
+    root = build_smic(build, tmp_path, CLIPS + [("s2", "surprise", "s2_sur_0²", 1, 2)])
+    table, excluded = read_database("smic", root)
+    assert excluded == [] and "s2_sur_0²" in set(table["clip"]) and len(table) == 5

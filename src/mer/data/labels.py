@@ -13,10 +13,12 @@ Schemes:
   Other databases get the same mapping (CAS(ME)^3 writes happy/sad; their "others" and
   samples with several emotions are left out), which is not part of MEGC2019.
 - ``casme2_5class``: happiness, disgust, surprise, repression, others (CASME II's usual 5).
-- ``emotion``: the database's own emotion words, classes sorted alphabetically.
+- ``emotion``: the database's own emotion words, classes sorted alphabetically (a blank
+  emotion is excluded, not a class).
 - ``objective``: objective classes I-VII: the sheet's own (SAMM, CAS(ME)^3: ``objective``
   column), else from the AU combination.
-- a ``dict`` given in config: ``{emotion: class}``; emotions absent from it are excluded.
+- a ``dict`` given in config: ``{emotion: class}`` (keys compared in lower case); emotions
+  absent from it, or mapped to null, are excluded with that reason.
 """
 
 from __future__ import annotations
@@ -81,6 +83,27 @@ def objective_class(aus: tuple[int, ...]) -> str:
     return "VII"
 
 
+def _emotion(value: object) -> str:
+    """An emotion cell as compared by the schemes: stripped, lower case; '' when blank."""
+    return "" if value is None or (isinstance(value, float) and pd.isna(value)) \
+        else str(value).strip().lower()
+
+
+def _mapping(scheme: Mapping[str, str]) -> dict[str, str]:
+    """``{emotion: class}`` with the emotions as :func:`_emotion` writes them (``Happiness``
+    and ``happiness`` are one key); LabelError when two keys become one with two classes."""
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for key, value in scheme.items():
+        k = _emotion(key)
+        if k in out and out[k] != value:
+            raise LabelError(f"label mapping keys '{seen[k]}' and '{key}' both map '{k}' "
+                             f"(to '{out[k]}' and '{value}'; emotions are compared in lower "
+                             "case): keep one")
+        out[k], seen[k] = value, str(key)
+    return out
+
+
 def _composite(family: str, emotion: str, subject: str, clip: str) -> tuple[str | None, str]:
     if emotion in COMPOSITE_EXCLUSIONS.get(family, set()) or emotion in ("others", "other"):
         return None, f"MEGC2019 composite excludes '{emotion}' for {family}"
@@ -112,17 +135,24 @@ def apply_label_scheme(
         LabelError naming the database, row and emotion when an emotion is not in the scheme.
     """
     families = family if isinstance(family, Mapping) else None
+    if families is not None:
+        missing = sorted(set(table["database"]) - set(families))
+        if missing:
+            raise LabelError(f"database '{missing[0]}' has no family in {dict(families)}: add "
+                             "it (data.families) so that the scheme knows its emotion words")
+    if isinstance(scheme, Mapping):
+        scheme = _mapping(scheme)
     rows, labels, excluded = [], [], []
     if isinstance(scheme, Mapping):
-        classes = sorted(set(scheme.values()))
+        classes = sorted({str(v) for v in scheme.values() if v is not None})
     elif scheme == "composite":
         classes = COMPOSITE_CLASSES
     elif scheme == "casme2_5class":
         classes = CASME2_5CLASS
     elif scheme == "objective":
         classes = OBJECTIVE_CLASSES
-    elif scheme == "emotion":
-        classes = sorted(set(table["emotion"]))
+    elif scheme == "emotion":  # the words as compared below; a blank emotion is no class
+        classes = sorted({_emotion(e) for e in table["emotion"]} - {""})
     else:
         raise LabelError(
             f"unknown label scheme '{scheme}': use composite, casme2_5class, emotion, objective "
@@ -130,12 +160,15 @@ def apply_label_scheme(
         )
     for pos, r in enumerate(table.itertuples(index=False)):
         fam = families[r.database] if families is not None else family
-        emotion = str(r.emotion).strip().lower()
+        emotion = _emotion(r.emotion)
         reason = ""
         try:
             if isinstance(scheme, Mapping):
                 name = scheme.get(emotion)
-                reason = "" if name else f"emotion '{emotion}' not in the configured mapping"
+                reason = "" if name is not None else (
+                    f"emotion '{emotion}' mapped to null in the configured mapping"
+                    if emotion in scheme else f"emotion '{emotion}' not in the configured mapping")
+                name = None if name is None else str(name)
             elif scheme == "composite":
                 name, reason = _composite(fam, emotion, str(r.subject), str(r.clip))
             elif scheme == "casme2_5class":
@@ -148,7 +181,8 @@ def apply_label_scheme(
                     raise LabelError(f"objective class '{own}' is not one of I..VII")
                 name = own or objective_class(tuple(r.aus))
             else:
-                name = emotion
+                name = emotion or None
+                reason = "" if name else f"no emotion in the sheet (row {r.row})"
         except LabelError as e:
             raise LabelError(
                 f"{r.database}, sheet row {r.row} (subject {r.subject}, clip {r.clip}): {e}. "

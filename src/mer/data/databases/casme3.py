@@ -9,8 +9,8 @@ Quirks written down here:
   ``Filename`` (``b``) repeats within a subject. The clip id is ``<Filename>_<Onset>``
   (``b_166``) so that it stays unique.
 - Frames are numbered from the video's start (``175.jpg``); 30 fps.
-- ``Objective class`` is written ``I``..``VII``; emotions lower-case, ``happy``/``sad``
-  (not happiness/sadness).
+- ``Objective class`` is written ``I``..``VII`` (anything else: a row error); emotions
+  lower-case, ``happy``/``sad`` (not happiness/sadness).
 - AU strings use side prefixes ``L``/``R``/``B``/``T`` (``R12``, ``L1+2``, ``T18``).
 - An offset of 0 means "not annotated" (two rows of v2, spNO.40 e): offset = -1.
 """
@@ -28,6 +28,8 @@ from mer.data.databases.common import (
     find_columns,
     find_sheet,
     find_tree,
+    objective_name,
+    onset_id,
     optional_column,
     read_table,
     text_cell,
@@ -59,11 +61,12 @@ def read_casme3(
             offset = -1
         specs.append({
             "row": r["_row"], "subject": subject,
-            "clip": f"{video}_{text_cell(r[col['onset']])}",  # "b" repeats: "b_166" does not
+            # "b" repeats: "b_166" does not; no Filename: no clip
+            "clip": f"{video}_{onset_id(r[col['onset']])}" if video else "",
             "onset": r[col["onset"]], "apex": r[col["apex"]], "offset": offset,
             "frame_dir": tree / subject / video / "color", "frame_name": "{}.jpg",
             "au": r[col["aus"]], "emotion": r[col["emotion"]],
-            "objective": text_cell(r[objective]).upper() if objective else "",
+            "objective": objective_name(r[objective]) if objective else "",
         })
     problems = Problems(sheet, database, on_error)
     return collect_samples(specs, problems, FPS, emotions, check_images), problems.skipped

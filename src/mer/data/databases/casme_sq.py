@@ -13,12 +13,16 @@ Quirks written down here:
   (``15_0101disgustingteeth``).
 - ``type`` reads ``macro-expression`` / ``micro-expression``.
 - Frames start at ``img1``: an apex or offset of 0 means "not annotated" -> -1.
+- Title lines and a header row someone added are left out; every other row is an
+  expression (a non-numeric onset is that row's error, never a silent drop).
 - Emotions: negative, positive, surprise, others. 30 fps.
 - A sample's clip id is ``<video folder>_<onset>`` (several expressions per video).
 """
 
 from __future__ import annotations
 
+import glob
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -32,6 +36,8 @@ from mer.data.databases.common import (
     find_sheet,
     find_tree,
     interval_type,
+    name_problem,
+    onset_id,
     read_sheet,
     text_cell,
 )
@@ -69,6 +75,22 @@ def _zero_is_none(cell: object) -> object:
     return -1 if text_cell(cell) == "0" else cell  # 0: not annotated (frames start at img1)
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long for the OS: no such folder (the row says why)
+        return False
+
+
+def _is_data(row: dict) -> bool:
+    """False for a title line (no onset and no ``<video>_<n>`` expression) or a header row (its
+    onset cell reads ``onset``); every other row is an expression, checked like any other."""
+    onset = text_cell(row["onset"]).lower().replace(" ", "")
+    if onset in ("onset", "onsetframe"):
+        return False
+    return bool(onset) or re.fullmatch(r".+_[0-9]+", text_cell(row["expression"])) is not None
+
+
 def _specs(root: Path, sheet: str | Path | None) -> tuple[list[dict], Path]:
     """One spec per annotated expression, with its video folder."""
     tree, sheet = _tree_and_sheet(Path(root), sheet)
@@ -82,25 +104,29 @@ def _specs(root: Path, sheet: str | Path | None) -> tuple[list[dict], Path]:
     codes = first.iloc[:, : len(_COLUMNS)].copy()
     codes.columns = _COLUMNS
     codes["_row"] = codes.index + 1
-    # rows whose onset is not a number are titles or a header someone added
-    codes = codes[pd.to_numeric(codes["onset"], errors="coerce").notna()]
+    codes = codes[[_is_data(r) for r in codes.to_dict("records")]]  # titles, a header: left out
     subjects = {text_cell(v) for v in codes["subject"]}
     videos = {text_cell(v).rsplit("_", 1)[0] for v in codes["expression"]}
     others = dict(list(sheets.items())[1:])
     # participant number -> subject code whose folder s<code> exists
-    subject_code = _code_map(others, subjects, lambda v: (tree / f"s{v}").is_dir())
-    video_code = _code_map(others, videos, lambda v: v.isdigit())
+    subject_code = _code_map(others, subjects, lambda v: _is_dir(tree / f"s{v}"))
+    video_code = _code_map(others, videos, lambda v: re.fullmatch("[0-9]+", v) is not None)
     specs = []
     for r in codes.to_dict("records"):
         number, expression = text_cell(r["subject"]), text_cell(r["expression"])
         name = expression.rsplit("_", 1)[0]  # disgust1_3 -> disgust1
         code, vcode = subject_code.get(number, number), video_code.get(name, "")
         subject_dir = tree / f"s{code}"
-        found = sorted(subject_dir.glob(f"{code}_{vcode.zfill(4)}*")) if vcode else []
+        found = []
+        if vcode and not name_problem("subject", f"s{code}"):
+            try:
+                found = sorted(subject_dir.glob(f"{glob.escape(code)}_{vcode.zfill(4)}*"))
+            except OSError:
+                found = []
         video = found[0].name if found else f"{code}_{vcode.zfill(4) if vcode else name}"
         problem = "" if vcode else f"video name '{name}' is in no naming sheet of {sheet.name}"
         specs.append({
-            "problem": problem,
+            "problem": "no participant number" if not number else problem,
             "row": r["_row"], "subject": f"s{code}", "video": video,
             "onset": r["onset"], "apex": _zero_is_none(r["apex"]),
             "offset": _zero_is_none(r["offset"]),
@@ -128,7 +154,7 @@ def read_casme_sq(
     """The expressions of ``types`` (default micro) as a sample table, and the skipped ones."""
     specs, sheet = _specs(Path(root), sheet)
     types = set(types)
-    samples = [{**s, "clip": f"{s['video']}_{text_cell(s['onset'])}",
+    samples = [{**s, "clip": f"{s['video']}_{onset_id(s['onset'])}",
                 "frame_name": "img{}.jpg"} for s in specs if s["type"] in types]
     problems = Problems(sheet, database, on_error)
     for s in specs:

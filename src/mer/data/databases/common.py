@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -122,17 +123,50 @@ def _is_blank(value: object) -> bool:
     return str(value).strip() == ""
 
 
+NOT_ANNOTATED = -1  # the frame number of an apex / offset the sheet does not give
+_MISSING_TEXT = ("/", "-", "nan", "-1")
+_WHOLE = re.compile(r"[0-9]{1,15}(?:\.0*)?")  # "46", "46.0"; 15 digits: past any video
+_DECIMAL = re.compile(r"-?[0-9]*\.[0-9]+|-?[0-9]+\.[0-9]*")
+_ASCII_INT = re.compile(r"[0-9]{1,15}")
+_FRAME_HELP = "a whole number >= 0; blank, '/' or -1: not annotated"
+
+
 def frame_number(value: object) -> int:
-    """A frame cell as int, or -1 when missing or '/' (CASME II writes '/' for unknown apex)."""
+    """A frame cell as an int >= 0, or -1 (:data:`NOT_ANNOTATED`) when blank, ``/``, ``-`` or -1
+    (CASME II writes ``/`` for an unknown apex, SAMM-LV -1).
+
+    DatabaseError (the caller names the row) for anything else: text, a fraction (``46.5``),
+    another negative number, ``inf`` / ``1e400`` or more than 15 digits.
+    """
     if _is_blank(value):
-        return -1
-    text = str(value).strip().rstrip("'")
-    if text in ("/", "-", "nan", "-1"):
-        return -1
-    try:
-        return int(float(text))
-    except ValueError:
-        raise DatabaseError(f"'{text}' is not a frame number") from None
+        return NOT_ANNOTATED
+    if isinstance(value, (bool, np.bool_)):
+        raise DatabaseError(f"{value} is not a frame number ({_FRAME_HELP})")
+    if isinstance(value, (int, np.integer)):
+        number = int(value)
+    elif isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            raise DatabaseError(f"'{value}' is not a frame number ({_FRAME_HELP})")
+        if not float(value).is_integer():
+            raise DatabaseError(f"{value} is not a whole frame number ({_FRAME_HELP})")
+        number = int(value)
+    else:
+        text = str(value).strip().rstrip("'").strip()
+        if text in _MISSING_TEXT:
+            return NOT_ANNOTATED
+        body = text[1:] if text.startswith("-") else text
+        if _WHOLE.fullmatch(body):
+            number = int(body.split(".")[0]) * (-1 if body is not text else 1)
+        elif _DECIMAL.fullmatch(text) and len(text) <= 40:
+            raise DatabaseError(f"{text} is not a whole frame number ({_FRAME_HELP})")
+        else:
+            shown = text if len(text) <= 40 else f"{text[:40]}..."
+            raise DatabaseError(f"'{shown}' is not a frame number ({_FRAME_HELP})")
+    if number == NOT_ANNOTATED:
+        return NOT_ANNOTATED
+    if number < 0:
+        raise DatabaseError(f"negative frame number {number} ({_FRAME_HELP})")
+    return number
 
 
 def text_cell(value: object) -> str:
@@ -145,9 +179,53 @@ def text_cell(value: object) -> str:
 
 
 def subject_id(value: object, fmt: str) -> str:
-    """Subject cell -> folder name: integers formatted with ``fmt`` (``sub{:02d}``), text kept."""
+    """Subject cell -> folder name: ASCII integers formatted with ``fmt`` (``sub{:02d}``), other
+    text kept as it is (``²`` and ``①`` pass ``str.isdigit()`` but are no numbers)."""
     text = text_cell(value)
-    return fmt.format(int(text)) if text.isdigit() else text
+    return fmt.format(int(text)) if _ASCII_INT.fullmatch(text) else text
+
+
+def onset_id(value: object) -> str:
+    """The onset cell as a clip-id suffix (``b_166``): its frame number however the cell writes
+    it (``166``, ``166.0``, ``" 166"``), else the text (the row is rejected for its onset)."""
+    try:
+        return str(frame_number(value))
+    except DatabaseError:
+        return text_cell(value)
+
+
+MAX_NAME_BYTES = 255  # a file or folder name on Linux, macOS and Windows file systems
+
+
+def name_problem(what: str, name: str) -> str:
+    """'' when ``name`` can be one folder or file name, else why not (``what``: ``clip name``).
+
+    Names from sheets become path parts: an empty one, ``.``/``..``, one holding ``/`` (it
+    would read another folder's frames) or longer than 255 bytes (the OS refuses it) is no name.
+    """
+    shown = name if len(name) <= 40 else f"{name[:40]}..."
+    if not name:
+        return f"no {what}"
+    if name in (".", "..") or "/" in name or "\0" in name:
+        return f"{what} '{shown}' is not a folder name (holds '/', NUL or is '.' / '..')"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        return (f"{what} '{shown}' is {size} bytes long: a file name holds at most "
+                f"{MAX_NAME_BYTES}")
+    return ""
+
+
+def objective_name(value: object) -> str:
+    """Sheet objective class (``3``, ``3.0``, ``III``, ``iii``) -> ``III``; '' when blank.
+
+    Anything else is returned as written (upper case); :func:`collect_samples` rejects it.
+    """
+    from mer.data.labels import OBJECTIVE_CLASSES
+
+    text = text_cell(value).upper()
+    if _ASCII_INT.fullmatch(text) and 1 <= int(text) <= len(OBJECTIVE_CLASSES):
+        return OBJECTIVE_CLASSES[int(text) - 1]
+    return text
 
 
 class FrameIndex:
@@ -158,22 +236,37 @@ class FrameIndex:
     samples).
     """
 
-    _NUMBER = re.compile(r"(\d+)\D*$")
+    _NUMBER = re.compile(r"([0-9]+)[^0-9]*$")
 
     def __init__(self) -> None:
         self._folders: dict[Path, dict[int, Path]] = {}
+        self._errors: dict[Path, str] = {}
 
     def __call__(self, folder: Path) -> dict[int, Path]:
         folder = Path(folder)
         if folder not in self._folders:
             frames: dict[int, Path] = {}
-            if folder.is_dir():
-                for p in sorted(folder.iterdir()):
-                    m = self._NUMBER.search(p.stem)
-                    if p.suffix.lower() in IMAGE_SUFFIXES and m:
-                        frames.setdefault(int(m.group(1)), p)
+            try:
+                if folder.is_dir():
+                    for p in sorted(folder.iterdir()):
+                        m = self._NUMBER.search(p.stem)
+                        if p.suffix.lower() in IMAGE_SUFFIXES and m:
+                            frames.setdefault(int(m.group(1)), p)
+            except OSError as e:  # a name too long, no permission: said by :meth:`problem`
+                self._errors[folder] = f"cannot list frame folder {folder} ({e.strerror or e})"
             self._folders[folder] = frames
         return self._folders[folder]
+
+    def problem(self, folder: Path, what: str = "frame folder") -> str:
+        """'' when ``folder`` is a folder that could be listed, else what is wrong."""
+        folder = Path(folder)
+        self(folder)
+        if folder in self._errors:
+            return self._errors[folder]
+        try:
+            return "" if folder.is_dir() else f"{what} missing: {folder}"
+        except OSError as e:
+            return f"cannot list {what} {folder} ({e.strerror or e})"
 
 
 def clip_frames(frame_dir: str | Path, onset: int, offset: int) -> list[Path]:
@@ -186,36 +279,51 @@ def clip_frames(frame_dir: str | Path, onset: int, offset: int) -> list[Path]:
     return [frames[n] for n in sorted(frames) if onset <= n <= last]
 
 
-def image_problem(path: Path) -> str:
-    """'' when ``path`` opens as an image, else what is wrong (header check only: fast)."""
+def image_problem(path: str | Path) -> str:
+    """'' when ``path`` decodes fully as an image, else what is wrong (naming the file).
+
+    The whole image is decoded (not only the header): a truncated JPEG, which OpenCV would
+    hand back with its missing part flat grey, is refused here.
+    """
+    from PIL import ImageFile
+
+    truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a library may have relaxed it process-wide
     try:
         with Image.open(path) as im:
-            im.verify()
+            im.load()
     except Exception as e:  # PIL raises several kinds
-        return f"unreadable image {path} ({type(e).__name__})"
+        return f"unreadable image {path} ({type(e).__name__}: {e}); replace or re-extract it"
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
     return ""
 
 
 def check_clip(
     frame_dir: Path, frames: dict[int, Path], onset: int, apex: int, offset: int,
-    check_images: bool = True, frame_name: str = "{}",
+    check_images: bool = True, frame_name: str = "{}", folder_problem: str = "",
 ) -> tuple[str, Path | None, Path | None]:
     """(problem or '', onset frame path, apex frame path or None) of one clip.
 
+    Checked: onset <= apex <= offset (apex / offset -1: not annotated), the folder
+    (``folder_problem``: what :meth:`FrameIndex.problem` found), onset and apex frames on disk,
+    the offset not after the last frame on disk, the images (``check_images``).
     ``frame_name`` (``img{}.jpg``) only names the expected file in messages.
     """
-    if onset < 0:
-        return "no onset frame in the sheet", None, None
-    if 0 <= offset < onset:
-        return f"offset {offset} before onset {onset}", None, None
-    if apex >= 0 and (apex < onset or 0 <= offset < apex):
-        return f"apex {apex} outside the clip (onset {onset}, offset {offset})", None, None
-    if not frame_dir.is_dir():
-        return f"frame folder missing: {frame_dir}", None, None
+    problem = frame_order_problem(onset, apex, offset, "clip")
+    if problem:
+        return problem, None, None
+    if folder_problem:
+        return folder_problem, None, None
+    if not frames:
+        return f"no frame images in {frame_dir}", None, None
     if onset not in frames:
         return f"onset frame missing: {frame_dir / frame_name.format(onset)}", None, None
     if apex >= 0 and apex not in frames:
         return f"apex frame missing: {frame_dir / frame_name.format(apex)}", None, None
+    problem = frame_range_problem(frame_dir, frames, onset, apex, offset)
+    if problem:
+        return problem, None, None
     onset_path, apex_path = frames[onset], frames[apex] if apex >= 0 else None
     if check_images:
         for p in (onset_path, apex_path):
@@ -223,6 +331,33 @@ def check_clip(
             if problem:
                 return problem, None, None
     return "", onset_path, apex_path
+
+
+def frame_order_problem(onset: int, apex: int, offset: int, what: str = "clip") -> str:
+    """'' when onset <= apex <= offset (apex / offset -1: not annotated), else the problem."""
+    if onset < 0:
+        return "no onset frame in the sheet"
+    if 0 <= offset < onset:
+        return f"offset {offset} before onset {onset}"
+    if apex >= 0 and (apex < onset or 0 <= offset < apex):
+        return f"apex {apex} outside the {what} (onset {onset}, offset {offset})"
+    return ""
+
+
+def frame_range_problem(
+    frame_dir: Path, frames: dict[int, Path], onset: int, apex: int, offset: int
+) -> str:
+    """'' when the annotated frames lie within the frame numbers found on disk, else the
+    problem (an offset of 10**18 is no frame of any video)."""
+    if not frames:
+        return f"no frame images in {frame_dir}"
+    first, last = min(frames), max(frames)
+    for name, n in (("onset", onset), ("apex", apex), ("offset", offset)):
+        if n >= 0 and not first <= n <= last:
+            side = "before the first" if n < first else "after the last"
+            return f"{name} {n} {side} frame on disk ({first if n < first else last} in " \
+                   f"{frame_dir})"
+    return ""
 
 
 class Problems:
@@ -249,6 +384,7 @@ class Problems:
             self.skipped.append({"database": self.database, "subject": subject, "clip": clip,
                                  "reason": f"{name}: {problem}"})
             return
+        subject, clip = (t if len(t) <= 60 else f"{t[:60]}..." for t in (subject, clip))
         raise DatabaseError(
             f"{where} ({subject} {clip}): {problem}. Fix the sheet or the frames, or set "
             "data.on_error=skip to leave the sample out (it is then listed in the report)."
@@ -277,6 +413,28 @@ def check_emotion(emotion: str, known: Iterable[str] | None) -> str:
             "emotions=[...] to the reader to accept more)")
 
 
+def au_problem(cell: object) -> str:
+    """'' when every number of the AU ``cell`` is a FACS code (``mer.data.aus.AU_RANGE``)."""
+    from mer.data.aus import AU_RANGE, parse_au_string
+
+    parsed = parse_au_string(cell)
+    if not parsed.invalid:
+        return ""
+    shown = parsed.raw if len(parsed.raw) <= 40 else f"{parsed.raw[:40]}..."
+    return (f"AU {parsed.invalid[0]} is not a FACS code ({AU_RANGE.start}..{AU_RANGE.stop - 1}) "
+            f"in the AU cell '{shown}'")
+
+
+def objective_problem(objective: str) -> str:
+    """'' when ``objective`` is blank or one of I..VII, else the problem."""
+    from mer.data.labels import OBJECTIVE_CLASSES
+
+    if not objective or objective in OBJECTIVE_CLASSES:
+        return ""
+    shown = objective if len(objective) <= 40 else f"{objective[:40]}..."
+    return f"objective class '{shown}' is not one of I..VII (or 1..7)"
+
+
 def collect_samples(
     specs: Iterable[dict], problems: Problems, fps: float, emotions: Iterable[str] | None = None,
     check_images: bool = True, index: FrameIndex | None = None,
@@ -286,8 +444,12 @@ def collect_samples(
     Each spec holds ``row, subject, clip, onset, apex, offset`` (sheet cells or ints),
     ``frame_dir``, ``au`` (the AU cell), ``emotion`` and optionally ``objective``, ``fps`` and
     ``frame_name`` (the file name pattern, for messages), ``problem`` (one the reader found).
-    A sample with a problem (bad frame numbers, apex outside the clip, missing or unreadable
-    frames, a duplicate (subject, clip, onset), an unknown emotion) goes to ``problems``.
+    A sample with a problem goes to ``problems``: a subject or clip that is no folder name,
+    frame cells that are no frame numbers (text, fractions, negatives, ``inf``), apex outside
+    the clip, frames missing, past the last frame on disk or unreadable, an unknown emotion, an
+    objective class outside I..VII, AU numbers that are no FACS code, a duplicate
+    (subject, clip). Accepted samples hold ints with onset <= apex <= offset (-1: not
+    annotated), all within the frames on disk.
     """
     from mer.data.aus import parse_au_string
     from mer.data.samples import SAMPLE_COLUMNS
@@ -304,12 +466,15 @@ def collect_samples(
             problems.fail(row, subject, clip, str(e))
             continue
         emotion = text_cell(s["emotion"]).lower()
+        objective = s.get("objective", "")
         frame_dir = Path(s["frame_dir"])
-        problem = check_emotion(emotion, emotions)
+        problem = (name_problem("subject name", subject) or name_problem("clip name", clip)
+                   or check_emotion(emotion, emotions) or objective_problem(objective)
+                   or au_problem(s["au"]))
         if not problem:
             problem, onset_path, apex_path = check_clip(
                 frame_dir, index(frame_dir), onset, apex, offset, check_images,
-                s.get("frame_name", "{}"))
+                s.get("frame_name", "{}"), index.problem(frame_dir))
         if problem:
             problems.fail(row, subject, clip, problem)
             continue
@@ -321,7 +486,7 @@ def collect_samples(
             "apex": apex, "offset": offset, "frame_dir": str(frame_dir),
             "onset_path": str(onset_path), "apex_path": str(apex_path) if apex_path else "",
             "au_raw": parsed.raw, "aus": parsed.aus, "au_unknown": parsed.unknown,
-            "emotion": emotion, "objective": s.get("objective", ""), "fps": s.get("fps", fps),
+            "emotion": emotion, "objective": objective, "fps": s.get("fps", fps),
             "row": row,
         })
     return pd.DataFrame(records, columns=SAMPLE_COLUMNS)
@@ -367,34 +532,32 @@ def collect_intervals(specs: Iterable[dict], problems: Problems, fps: float) -> 
     """The interval table of a long-video database (``mer.data.samples.INTERVAL_COLUMNS``).
 
     Each spec holds ``row, subject, video, onset, apex, offset, type, frame_dir, au, emotion``
-    and optionally ``problem`` (one the reader found). Checked: frame numbers,
-    onset <= apex <= offset, the type, the video folder.
+    and optionally ``problem`` (one the reader found). Checked: the subject and video names,
+    frame numbers, onset <= apex <= offset, the type, the AU numbers, the video folder, and the
+    frames within the frame numbers found in it.
     """
     from mer.data.aus import parse_au_string
     from mer.data.samples import INTERVAL_COLUMNS
 
-    records = []
+    index, records = FrameIndex(), []
     for s in specs:
         row, subject, video = s["row"], s["subject"], s["video"]
-        if s.get("problem"):
-            problems.fail(row, subject, video, s["problem"])
+        problem = s.get("problem") or name_problem("subject", subject) or name_problem(
+            "video name", video)
+        if problem:
+            problems.fail(row, subject, video, problem)
             continue
         try:
             onset, apex, offset = (frame_number(s[k]) for k in ("onset", "apex", "offset"))
         except DatabaseError as e:
             problems.fail(row, subject, video, str(e))
             continue
-        problem = ""
-        if onset < 0:
-            problem = "no onset frame in the sheet"
-        elif 0 <= offset < onset:
-            problem = f"offset {offset} before onset {onset}"
-        elif apex >= 0 and (apex < onset or 0 <= offset < apex):
-            problem = f"apex {apex} outside the interval (onset {onset}, offset {offset})"
-        elif s["type"] not in ("macro", "micro"):
+        frame_dir = Path(s["frame_dir"])
+        problem = frame_order_problem(onset, apex, offset, "interval")
+        if not problem and s["type"] not in ("macro", "micro"):
             problem = "expression type is neither macro nor micro"
-        elif not Path(s["frame_dir"]).is_dir():
-            problem = f"video folder missing: {s['frame_dir']}"
+        problem = (problem or au_problem(s["au"]) or index.problem(frame_dir, "video folder")
+                   or frame_range_problem(frame_dir, index(frame_dir), onset, apex, offset))
         if problem:
             problems.fail(row, subject, video, problem)
             continue
@@ -403,7 +566,7 @@ def collect_intervals(specs: Iterable[dict], problems: Problems, fps: float) -> 
             "database": problems.database, "subject": subject, "video": video, "onset": onset,
             "apex": apex, "offset": offset, "type": s["type"], "au_raw": parsed.raw,
             "aus": parsed.aus, "au_unknown": parsed.unknown,
-            "emotion": text_cell(s["emotion"]).lower(), "frame_dir": str(s["frame_dir"]),
+            "emotion": text_cell(s["emotion"]).lower(), "frame_dir": str(frame_dir),
             "fps": fps, "row": row,
         })
     return pd.DataFrame(records, columns=INTERVAL_COLUMNS)

@@ -5,7 +5,8 @@ in ``<root>`` (``<root>`` may also be ``Micro_Expression/`` itself).
 
 Quirks written down here:
 - Frame folders are grouped by emotion, not by subject: the folder is
-  ``<Estimated Emotion>/<Filename>`` (the emotion folder matched case-insensitively).
+  ``<Estimated Emotion>/<Filename>`` (the emotion folder matched case-insensitively; a blank
+  emotion or one that is no folder name is a row error).
 - Header ``Subject, Filename, OnsetFrame, ApexFrame, OffsetFrame, Action Units,
   Estimated Emotion, remarks``; the subject id is kept as the sheet writes it.
 - 90 fps. The macro-expression part (``Macro_Expression/``) is not read.
@@ -24,6 +25,7 @@ from mer.data.databases.common import (
     find_columns,
     find_sheet,
     find_tree,
+    name_problem,
     read_table,
     text_cell,
 )
@@ -51,6 +53,7 @@ def read_mmew(
         clip, emotion = text_cell(r[col["clip"]]), text_cell(r[col["emotion"]])
         emotion_dir = folders.get(emotion.lower(), tree / emotion)
         specs.append({
+            "problem": name_problem("emotion", emotion),  # it names the frame folder
             "row": r["_row"], "subject": text_cell(r[col["subject"]]), "clip": clip,
             **{k: r[col[k]] for k in ("onset", "apex", "offset")},
             "frame_dir": emotion_dir / clip, "frame_name": "{}.jpg",

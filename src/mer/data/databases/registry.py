@@ -16,6 +16,10 @@
 - ``sheet``: the annotation sheet, when it is not in ``root`` under its release name.
 - ``on_error``: ``raise`` -> a :class:`DatabaseError` naming the sheet, the row and the fix at
   the first bad sample; ``skip`` -> bad samples are left out and listed in ``excluded``.
+  Bad: a frame cell that is no whole number >= 0 (``46.5``, ``inf``, ``-7``; blank, ``/`` and
+  -1 mean "not annotated"), frames out of order or outside those on disk, a subject or clip
+  that is no folder name, an AU number outside FACS 1..99, an objective class outside I..VII,
+  an unknown emotion, a duplicate (``mer.data.databases.common.collect_samples``).
 - ``options`` go to the reader: ``database`` (the name written into the table; default
   ``name``), ``emotions`` (the emotion words accepted), ``check_images`` (open the onset and
   apex images; default True), ``types`` (long videos: which expressions become samples,

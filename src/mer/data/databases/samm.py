@@ -9,7 +9,7 @@ Quirks written down here:
 - ``Subject`` is read as an integer (``6``); folders are ``%03d`` (``006``).
 - Frames are ``<subject>_<frame:05d>.jpg``, greyscale, 200 fps.
 - Emotions are capitalised (``Anger``); ``Estimated Emotion`` (release) / ``emotion``.
-- ``Objective Classes`` is an integer 1..7 -> ``I``..``VII``.
+- ``Objective Classes`` is an integer 1..7 -> ``I``..``VII`` (anything else: a row error).
 - AU strings carry sides, intensities, alternatives and notes (``R12orR14``, ``4A/B``,
   ``ref(24)``, ``soft focus``); see ``mer.data.aus``.
 """
@@ -27,23 +27,15 @@ from mer.data.databases.common import (
     find_columns,
     find_sheet,
     find_tree,
+    objective_name,
     optional_column,
     read_table,
     subject_id,
     text_cell,
 )
-from mer.data.labels import OBJECTIVE_CLASSES
 
 FPS = 200.0
 EMOTIONS = ("anger", "contempt", "disgust", "fear", "happiness", "sadness", "surprise", "other")
-
-
-def objective_name(value: object) -> str:
-    """Sheet objective class (``3``, ``3.0``, ``III``) -> ``III``; '' when blank."""
-    text = text_cell(value).upper()
-    if text.isdigit() and 1 <= int(text) <= len(OBJECTIVE_CLASSES):
-        return OBJECTIVE_CLASSES[int(text) - 1]
-    return text
 
 
 def read_samm(

@@ -28,8 +28,9 @@ EMOTIONS = ("negative", "positive", "surprise")
 
 
 def _natural(path: Path) -> tuple:
-    """s2 before s10."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name))
+    """s2 before s10 (ASCII digits only: ``²`` passes ``str.isdigit()`` but int() refuses it)."""
+    parts = re.split(r"([0-9]+)", path.name)
+    return tuple((1, int(t), "") if i % 2 else (0, 0, t) for i, t in enumerate(parts))
 
 
 def read_smic(
