@@ -91,10 +91,35 @@ class FlowSamples:
             raise ValueError(f"FlowSamples: landmarks {self.landmarks.shape}, expected "
                              f"({len(self.x)}, 68, 2)")
         self.meta = self.meta.reset_index(drop=True)
+        self._refuse_non_finite()
         if "subject_key" not in self.meta:
             self.meta["subject_key"] = [
                 subject_key(d, s) for d, s in zip(self.meta["database"], self.meta["subject"])
             ]
+
+    def _refuse_non_finite(self) -> None:
+        """Raise ValueError naming the samples (database/subject/clip, sheet row) whose flow
+        holds NaN or inf: a model fed one would score garbage, or NaN."""
+        x = np.asarray(self.x)
+        if x.dtype.kind != "f" or len(x) == 0:
+            return
+        finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if finite.all():
+            return
+        bad = np.flatnonzero(~finite)
+        meta = self.meta.iloc[bad[:5]]
+
+        def name(r) -> str:
+            ids = "/".join(str(r.get(k, "?")) for k in ("database", "subject", "clip"))
+            return ids + (f" (row {r['row']})" if "row" in r and r["row"] == r["row"] else "")
+
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(
+            f"FlowSamples: non-finite flow values (NaN/inf) in {len(bad)} samples: "
+            f"{', '.join(name(r) for _, r in meta.iterrows())}{more}. Their flow is broken "
+            "(unreadable or identical frames, a bad face crop): check those clips' frames and "
+            "delete their entries in the preprocessing cache (paths.cache_dir) to recompute "
+            "them, or remove the clips from the annotation sheet")
 
     @property
     def labels(self) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 Classes are those present in ``y_true`` or ``y_pred`` (sklearn's default), so UF1 and UAR
 equal ``f1_score(average="macro")`` and ``recall_score(average="macro")``; a class with no
-support scores 0 (sklearn's ``zero_division=0``).
+support scores 0 (sklearn's ``zero_division=0``). Classes absent from ``y_true`` are listed in
+``absent_classes``: the report warns, as UAR then averages over fewer (or spurious) classes.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def per_class_scores(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def recognition_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]
 ) -> dict:
-    """UF1, UAR, accuracy, per-class F1/recall/support and the confusion matrix.
+    """UF1, UAR, accuracy, per-class F1/recall/support, the confusion matrix and
+    ``absent_classes`` (names of the classes with no sample in ``y_true``).
 
     Args:
         y_true, y_pred: (N,) int class indices.
@@ -53,4 +55,5 @@ def recognition_metrics(
             for i, name in enumerate(class_names)
         },
         "confusion_matrix": cm.tolist(),
+        "absent_classes": [name for i, name in enumerate(class_names) if cm[i].sum() == 0],
     }

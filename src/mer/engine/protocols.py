@@ -9,6 +9,11 @@ Predictions are pooled over folds and scored once (MEGC2019).
 Folds run in a pool of worker processes sized to the machine: tiny ME networks use one core
 badly, so ``workers`` processes with ``cores // workers`` threads each beat one process with all
 cores. Results do not depend on the worker count (each fold seeds itself from its index).
+
+A terminated run (SIGTERM: a SLURM time limit or preemption) stops its workers at once
+(:mod:`mer.engine.workers`); every finished fold is already saved in ``done_dir`` with a
+checksum (:mod:`mer.data.io`), and ``resume=true`` trains only the others. Non-finite
+probabilities are refused, naming the fold and the clip, never scored.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from pathlib import Path
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 
+from mer.data.io import CorruptFileError, atomic_save, checked_load
 from mer.data.samples import FlowSamples
+from mer.engine.workers import prepare_worker, stop_pool, terminate_on_signal
 
 log = logging.getLogger(__name__)
 
@@ -152,12 +159,34 @@ def train_fold(samples: FlowSamples, fold: Fold, spec: dict, events=None) -> dic
         trainer.fit(module, datamodule=dm)
         probs = trainer.predict(module, datamodule=dm, ckpt_path="best" if select_best else None)
     probs = torch.cat(probs).float().numpy()
+    refuse_non_finite(probs, samples, fold.test_idx, f"fold {fold.name}")
     return {"fold": fold.name, "probs": probs, "seconds": time.perf_counter() - start,
             "epochs": trainer.current_epoch}
 
 
 def _safe(name: str) -> str:
     return name.replace("/", "_")
+
+
+def refuse_non_finite(probs: np.ndarray, samples: FlowSamples, index: np.ndarray,
+                      who: str, fix: str | None = None) -> None:
+    """Raise ValueError if ``probs`` (n, K), predicted for ``samples`` at ``index`` (n,), holds
+    NaN or inf, naming ``who`` (``fold synA/sub03``) and the first clips affected."""
+    probs = np.asarray(probs)
+    bad = ~np.isfinite(probs).all(axis=1) if probs.ndim == 2 else ~np.isfinite(probs)
+    if not bad.any():
+        return
+    kind = "NaN" if np.isnan(probs).any() else "infinite"
+    rows = np.asarray(index)[np.flatnonzero(bad)]
+    meta = samples.meta.iloc[rows[:5]]
+    clips = ", ".join(f"{d}/{s}/{c}" for d, s, c in
+                      zip(meta["database"], meta["subject"], meta["clip"]))
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    raise ValueError(
+        f"{who} produced {kind} probabilities for clip {clips}{more} ({len(rows)} of "
+        f"{len(probs)} test clips). "
+        + (fix or "The model diverged: lower model.lr, check the training loss in the "
+           "fold's log (logger=csv) and the input flow; nothing was scored."))
 
 
 class _EpochEvents(Callback):
@@ -176,9 +205,11 @@ class _EpochEvents(Callback):
 _WORKER: dict = {}
 
 
-def _init_worker(samples: FlowSamples, spec: dict, events, threads: int) -> None:
+def _init_worker(samples: FlowSamples, spec: dict, events, threads: int,
+                 parent_pid: int | None = None) -> None:
     import torch
 
+    prepare_worker(parent_pid)
     torch.set_num_threads(threads)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -205,6 +236,10 @@ def run_folds(
     ``workers == 1`` runs in this process; more runs a process pool, each worker with
     ``cores // workers`` torch threads. With ``done_dir`` each finished fold is saved there;
     with ``resume`` folds already saved for the same recipe are loaded instead of trained.
+    SIGTERM (or any error) stops the workers at once; finished folds stay saved.
+
+    Raises:
+        CorruptFileError: a saved fold cannot be read back (named, with what to delete).
     """
     done = _load_done(done_dir, spec, folds) if resume and done_dir else {}
     todo = [f for f in folds if f.name not in done]
@@ -218,7 +253,8 @@ def run_folds(
         progress.fold_done(result["fold"])
 
     if n_workers == 1 or not todo:
-        with _FoldProgress(folds, max_epochs, enabled=show_progress, done=len(done)) as progress:
+        with terminate_on_signal(), _FoldProgress(folds, max_epochs, enabled=show_progress,
+                                                  done=len(done)) as progress:
             for fold in todo:
                 finished(train_fold(samples, fold, spec, progress.events), progress)
         return [done[f.name] for f in folds]
@@ -227,14 +263,24 @@ def run_folds(
     ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
     events = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // n_workers)
-    with ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(samples, spec, events, threads)) as pool:
-        list(pool.map(_ready, range(n_workers)))
-        with _FoldProgress(folds, max_epochs, enabled=show_progress, done=len(done)) as progress:
-            progress.listen(events)
-            futures = [pool.submit(_run_in_worker, f) for f in todo]
-            for fut in futures:
-                finished(fut.result(), progress)
+    with terminate_on_signal():
+        pool = ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(samples, spec, events, threads, os.getpid()))
+        try:
+            list(pool.map(_ready, range(n_workers)))
+            with _FoldProgress(folds, max_epochs, enabled=show_progress,
+                               done=len(done)) as progress:
+                progress.listen(events)
+                futures = [pool.submit(_run_in_worker, f) for f in todo]
+                for fut in futures:
+                    finished(fut.result(), progress)
+        except BaseException:
+            stop_pool(pool)  # never wait for the other folds: a SIGTERM or error ends them
+            if done_dir:
+                log.warning("stopped after %d of %d folds; those finished are saved in %s "
+                            "(resume=true continues)", len(done), len(folds), done_dir)
+            raise
+        pool.shutdown()
     return [done[f.name] for f in folds]
 
 
@@ -244,13 +290,12 @@ def _recipe_key(spec: dict) -> str:
 
 
 def _save_done(done_dir: Path, spec: dict, result: dict) -> None:
-    done_dir = Path(done_dir)
-    done_dir.mkdir(parents=True, exist_ok=True)
-    path = done_dir / f"{_safe(result['fold'])}.npz"
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, probs=result["probs"], seconds=result["seconds"], epochs=result["epochs"],
-             fold=result["fold"], recipe=_recipe_key(spec))
-    os.replace(tmp, path)
+    """``<done_dir>/<fold>.npz``: the fold's probabilities and recipe, atomically, with a
+    checksum (a SIGTERM or full disk mid-write leaves no file, never half of one)."""
+    path = Path(done_dir) / f"{_safe(result['fold'])}.npz"
+    atomic_save({"probs": result["probs"], "seconds": result["seconds"],
+                 "epochs": result["epochs"], "fold": result["fold"],
+                 "recipe": _recipe_key(spec)}, path, kind="npz")
 
 
 def _load_done(done_dir: Path, spec: dict, folds: list[Fold]) -> dict[str, dict]:
@@ -260,13 +305,20 @@ def _load_done(done_dir: Path, spec: dict, folds: list[Fold]) -> dict[str, dict]
         path = Path(done_dir) / f"{_safe(fold.name)}.npz"
         if not path.exists():
             continue
-        with np.load(path) as f:
-            if str(f["recipe"]) != key or len(f["probs"]) != len(fold.test_idx):
-                log.warning("not resuming fold %s: saved by a different recipe", fold.name)
-                continue
-            done[fold.name] = {"fold": fold.name, "probs": f["probs"],
-                               "seconds": float(f["seconds"]), "epochs": int(f["epochs"]),
-                               "resumed": True}
+        fix = ("delete it and rerun with resume=true: that fold is trained again, the other "
+               "saved folds are kept")
+        f = checked_load(path, kind="npz", what=f"saved fold {fold.name}", fix=fix)
+        missing = {"probs", "seconds", "epochs", "recipe"} - set(f)
+        if missing:
+            raise CorruptFileError(f"saved fold {fold.name} {path} lacks {sorted(missing)}; "
+                                   f"{fix}")
+        if str(f["recipe"]) != key or len(f["probs"]) != len(fold.test_idx):
+            log.warning("not resuming fold %s: %s was saved by a different recipe (config "
+                        "changed); training it again", fold.name, path)
+            continue
+        done[fold.name] = {"fold": fold.name, "probs": f["probs"],
+                           "seconds": float(f["seconds"]), "epochs": int(f["epochs"]),
+                           "resumed": True}
     return done
 
 

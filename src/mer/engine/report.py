@@ -1,4 +1,8 @@
-"""Run outputs: results.json, predictions.csv and a confusion-matrix PNG in the run directory."""
+"""Run outputs: results.json, predictions.csv and a confusion-matrix PNG in the run directory.
+
+Each file is written atomically (:mod:`mer.data.io`): a reader sees the old file or the new
+one, never half of one; a full disk or a read-only folder is an error naming the file.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mer.data.io import atomic_write_text, atomic_write_with
 from mer.engine.metrics import recognition_metrics
 
 
@@ -50,23 +55,31 @@ def plot_confusion(cm: np.ndarray, class_names: list[str], path: Path, title: st
             ax.text(j, i, str(cm[i, j]), ha="center", va="center",
                     color="white" if cm[i, j] > cm.max() / 2 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write_with(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def write_outputs(run_dir: Path, results: dict, predictions: pd.DataFrame,
                   class_names: list[str]) -> None:
-    """Write results.json, predictions.csv and confusion_matrix.png into ``run_dir``."""
+    """Write results.json, predictions.csv and confusion_matrix.png into ``run_dir``, each
+    atomically; results.json last, so that its presence means the run's outputs are whole."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable))
-    predictions.to_csv(run_dir / "predictions.csv", index=False)
+    text = json.dumps(results, indent=2, default=_jsonable)  # fails before anything is written
+    write_csv(predictions, run_dir / "predictions.csv")
     overall = results["metrics"]["overall"]
     tag = "SYNTHETIC data" if results["data"].get("synthetic") else "real data"
     plot_confusion(
         np.array(overall["confusion_matrix"]), class_names, run_dir / "confusion_matrix.png",
         f"{results.get('name', '')} ({tag}) UF1 {overall['uf1']:.3f} UAR {overall['uar']:.3f}",
     )
+    atomic_write_text(run_dir / "results.json", text)
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """``table`` as CSV (no index) at ``path``, atomically."""
+    atomic_write_with(path, lambda f: f.write(table.to_csv(index=False).encode("utf-8")))
 
 
 def _jsonable(o: object) -> object:

@@ -10,10 +10,11 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from mer.data.io import atomic_write_text
 from mer.data.samples import FlowSamples
 from mer.data.sources import load_samples
-from mer.engine.protocols import Fold, ProtocolError, loso_folds, run_folds
-from mer.engine.report import score_predictions, write_outputs
+from mer.engine.protocols import Fold, ProtocolError, loso_folds, refuse_non_finite, run_folds
+from mer.engine.report import score_predictions, write_csv, write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +31,22 @@ def make_folds(samples: FlowSamples, protocol: DictConfig, seed: int) -> list[Fo
         raise ProtocolError(f"unknown protocol '{protocol.name}'")
     folds = loso_folds(samples, val_subjects=protocol.val_subjects, seed=seed)
     chosen = protocol.get("fold_index")
-    if chosen is None:
-        return folds
-    chosen = [int(chosen)] if isinstance(chosen, int | str) else [int(i) for i in chosen]
-    bad = [i for i in chosen if not 0 <= i < len(folds)]
-    if bad:
-        raise ProtocolError(f"protocol.fold_index {bad} out of range: {len(folds)} folds "
-                            f"(0..{len(folds) - 1})")
-    return [folds[i] for i in chosen]
+    if chosen is not None:
+        chosen = [int(chosen)] if isinstance(chosen, int | str) else [int(i) for i in chosen]
+        bad = [i for i in chosen if not 0 <= i < len(folds)]
+        if bad:
+            raise ProtocolError(f"protocol.fold_index {bad} out of range: {len(folds)} folds "
+                                f"(0..{len(folds) - 1})")
+        folds = [folds[i] for i in chosen]
+    empty = [f.name for f in folds if len(f.val_idx) == 0]
+    if protocol.select != "last" and empty:  # it would silently use the last epoch
+        raise ProtocolError(
+            f"protocol.select={protocol.select}: fold '{empty[0]}'"
+            f"{f' and {len(empty) - 1} more' if len(empty) > 1 else ''} would get no "
+            f"validation subject (protocol.val_subjects={protocol.val_subjects} of its "
+            "training subjects rounds to 0): raise protocol.val_subjects (a count, e.g. 2, "
+            "or a larger fraction) or use protocol.select=last")
+    return folds
 
 
 def training_spec(cfg: DictConfig, log_dir: Path | None) -> dict:
@@ -56,11 +65,18 @@ def training_spec(cfg: DictConfig, log_dir: Path | None) -> dict:
 def pooled_predictions(
     samples: FlowSamples, folds: list[Fold], results: list[dict]
 ) -> pd.DataFrame:
-    """One row per test sample over all folds: ids, fold, label, prediction, probabilities."""
+    """One row per test sample over all folds: ids, fold, label, prediction, probabilities.
+
+    Raises ValueError naming the fold and clips if a fold's probabilities (trained now or
+    resumed from ``folds_done/``) are not finite: a NaN is never scored."""
     rows = []
     for fold, res in zip(folds, results):
         meta = samples.meta.iloc[fold.test_idx]
         probs = res["probs"]
+        refuse_non_finite(probs, samples, fold.test_idx, f"fold {fold.name}", fix=(
+            "The model diverged: lower model.lr, check the training loss in the fold's log; "
+            "a fold resumed from folds_done/ is retrained after deleting its file there. "
+            "Nothing was scored.") if res.get("resumed") else None)
         df = pd.DataFrame({
             "subject": meta["subject"].to_numpy(), "clip": meta["clip"].to_numpy(),
             "database": meta["database"].to_numpy(), "fold": fold.name,
@@ -148,9 +164,9 @@ def write_federated_results(cfg: DictConfig, samples: FlowSamples, fed: dict, ti
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    text = json.dumps(results, indent=2, default=str)  # fails before anything is written
     federated_tables(samples, fed, predictions, run_dir)
+    atomic_write_text(run_dir / "results.json", text)
     log_wandb_federated(cfg, run_dir, results, transport=transport)
     return results
 
@@ -165,17 +181,18 @@ def federated_tables(samples: FlowSamples, fed: dict, predictions: dict, run_dir
                        "label": meta["label"].to_numpy()})
     for kind, pred in predictions["pred"].items():
         df[f"pred_{kind}"] = pred
-    df.to_csv(run_dir / "predictions.csv", index=False)
+    write_csv(df, run_dir / "predictions.csv")
     rows = [{"round": c["round"], "client": client, "model": kind, **m}
             for c in fed.get("curves", []) for client, r in
             list(c["per_client"].items()) + [("pooled", {k[len("pooled_"):]: v for k, v in c.items()
                                                        if k.startswith("pooled_")})]
             for kind, m in r.items()]
     if rows:
-        pd.DataFrame(rows).to_csv(run_dir / "curves.csv", index=False)
+        write_csv(pd.DataFrame(rows), run_dir / "curves.csv")
     if fed.get("rounds"):
-        pd.DataFrame([{k: (",".join(v) if isinstance(v, list) else v) for k, v in r.items()}
-                      for r in fed["rounds"]]).to_csv(run_dir / "rounds.csv", index=False)
+        write_csv(pd.DataFrame([{k: (",".join(v) if isinstance(v, list) else v)
+                                 for k, v in r.items()} for r in fed["rounds"]]),
+                  run_dir / "rounds.csv")
 
 
 def _print_federated(results: dict, run_dir: Path) -> None:
@@ -251,6 +268,11 @@ def _print_summary(results: dict, run_dir: Path) -> None:
                       f"{s['accuracy']:.4f}")
     console = Console()
     console.print(table)
+    for scope, s in rows:
+        if s.get("absent_classes"):
+            console.print(f"[bold yellow]warning[/]: {scope}: no test sample of class "
+                          f"{', '.join(s['absent_classes'])} (absent from the ground truth): "
+                          "UF1/UAR average over the classes present in labels or predictions")
     console.print(f"outputs: {run_dir}")
 
 

@@ -1,0 +1,90 @@
+"""Worker processes that end with their run.
+
+SLURM (a time limit, a preemption) and ``kill`` send SIGTERM, to the whole process group or
+to the main process alone. Left to themselves, forked fold / client workers would outlive it:
+Lightning turns SIGTERM into an exception at the end of the batch, the pool catches it as the
+job's result, and the worker takes the next job, orphaned, until SIGKILL. So:
+
+- :func:`prepare_worker` (a pool's initializer) makes a worker die with its parent
+  (``PR_SET_PDEATHSIG``, Linux) and end at once on SIGTERM; it ignores SIGINT (Ctrl-C reaches
+  the whole group: the main process decides, and stops the workers).
+- :func:`terminate_on_signal` (main thread) turns SIGTERM into :class:`Terminated`, so the run
+  unwinds through its ``finally`` blocks: workers stopped, nothing half written, saved work
+  (LOSO ``folds_done/``, the federated checkpoint) left for ``resume=true``.
+- :func:`stop_pool` kills a pool's workers now, without waiting for their jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+
+_PR_SET_PDEATHSIG = 1
+
+
+class Terminated(SystemExit):
+    """The run received SIGTERM (exit status 128 + 15); saved work is kept for resume=true."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+
+    def __str__(self) -> str:
+        return (f"terminated by {signal.Signals(self.signum).name}: finished work is saved; "
+                "rerun with resume=true (same hydra.run.dir) to continue")
+
+
+def _exit_now(signum: int, _frame: object) -> None:
+    os._exit(128 + signum)
+
+
+def prepare_worker(parent_pid: int | None = None) -> None:
+    """In a forked worker: die with ``parent_pid`` (the process that forked it), end at once
+    on SIGTERM, leave SIGINT to the parent. (``PR_SET_PDEATHSIG`` follows the *thread* that
+    forked the worker: start pools from a thread that outlives them, e.g. the main thread.)"""
+    signal.signal(signal.SIGTERM, _exit_now)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(128 + signal.SIGTERM)  # the parent died before the line above took effect
+
+
+@contextlib.contextmanager
+def terminate_on_signal() -> Iterator[None]:
+    """While inside: SIGTERM raises :class:`Terminated` in the main thread (no-op in another
+    thread, where Python cannot install handlers). The previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Kill ``pool``'s worker processes now and shut it down without waiting for its jobs.
+    (The executor offers no public handle on its processes: ``_processes`` is read, if any.)"""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for p in processes:
+        with contextlib.suppress(Exception):
+            p.kill()
+    for p in processes:
+        with contextlib.suppress(Exception):
+            p.join(timeout=5)
+    with contextlib.suppress(Exception):
+        pool.shutdown(wait=False, cancel_futures=True)
