@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mer.data.io import atomic_write_text, atomic_write_with
 from mer.engine.report import score_predictions
 
 
@@ -69,6 +70,20 @@ def _federated_row(run_dir: Path, results: dict) -> dict:
     return row
 
 
+def _read_results(path: Path) -> dict:
+    """A run's results.json; CollectError naming it when it is not a finished run's."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CollectError(f"{path} cannot be read ({e}): the run did not finish writing it "
+                           "(results.json is written last). Rerun that run with resume=true, "
+                           "or delete its folder to leave it out.") from e
+    if not isinstance(results, dict) or "config" not in results:
+        raise CollectError(f"{path} is not a mer results.json (no 'config'): move it out of "
+                           "the folders being collected")
+    return results
+
+
 def collect(paths: list[Path]) -> pd.DataFrame:
     """One row per distinct experiment: pooled UF1/UAR/accuracy, folds, completeness; one
     row per federated run."""
@@ -76,7 +91,7 @@ def collect(paths: list[Path]) -> pd.DataFrame:
     rows = []
     for root in paths:
         for path in sorted(Path(root).rglob("results.json")):
-            results = json.loads(path.read_text())
+            results = _read_results(path)
             if "federated" in results:
                 rows.append(_federated_row(path.parent, results))
             else:
@@ -90,6 +105,9 @@ def collect(paths: list[Path]) -> pd.DataFrame:
         for run_dir, results in runs:
             if results["data"]["class_names"] != classes:
                 raise CollectError(f"{run_dir}: class list differs from {first_dir}")
+            if not (run_dir / "predictions.csv").exists():
+                raise CollectError(f"{run_dir} has results.json but no predictions.csv: "
+                                   "rerun it, or delete the folder to leave it out")
             preds.append(pd.read_csv(run_dir / "predictions.csv", dtype={"subject": str}))
         pooled = pd.concat(preds, ignore_index=True)
         fold_sizes = pooled.groupby("fold")["clip"].count()
@@ -118,8 +136,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     table = collect(args.dirs)
     out = args.out or args.dirs[0]
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "summary.csv", index=False)
-    (out / "summary.md").write_text(table.to_markdown(index=False) + "\n")
+    atomic_write_with(out / "summary.csv", lambda f: table.to_csv(f, index=False))
+    atomic_write_text(out / "summary.md", table.to_markdown(index=False) + "\n")
     print(table.to_markdown(index=False))
     return table
 
