@@ -111,15 +111,34 @@ def test_interrupted_run_resumes_only_unfinished_folds(tmp_path, monkeypatch):
 
 
 def test_epoch_selection_on_validation_subjects(tmp_path):
-    samples = make_samples(n_subjects=3, databases=("dbA",))
-    folds = loso_folds(samples, val_subjects=1, seed=0)
+    """``select=val_uf1`` predicts the test subject with the epoch of best validation UF1 (a
+    middle one here: the validation subject's labels disagree with the pattern the model
+    learns), not the last; the per-epoch models come from runs stopped after k epochs."""
+    samples = make_samples(n_subjects=4, databases=("dbA",), per_subject=6, seed=1)
+    keys = samples.meta["subject_key"].to_numpy()
+    val = np.flatnonzero(keys == "dbA/sub01")
+    samples.meta.loc[val, "label"] = (samples.meta.loc[val, "label"] + 1) % 3
+    fold = Fold(0, "dbA/sub00", np.flatnonzero(np.isin(keys, ["dbA/sub02", "dbA/sub03"])),
+                np.flatnonzero(keys == "dbA/sub00"), val)
+    check_split(samples, fold)
+    epochs = 4
     spec = {**SPEC, "select": "val_uf1", "log_dir": str(tmp_path),
-            "trainer": {**SPEC["trainer"], "max_epochs": 3}}
-    results = run_folds(samples, folds, spec, workers=1, show_progress=False)
-    for fold, r in zip(folds, results):
-        assert r["probs"].shape == (len(fold.test_idx), 3)
-        ckpts = list((tmp_path / "checkpoints" / fold.name.replace("/", "_")).glob("*.ckpt"))
-        assert len(ckpts) == 1  # the best validation epoch, chosen without the test subject
+            "trainer": {**SPEC["trainer"], "max_epochs": epochs}}
+    (result,) = run_folds(samples, [fold], spec, workers=1, show_progress=False)
+    logged = pd.read_csv(tmp_path / "folds" / "dbA_sub00" / "metrics.csv")
+    val_uf1 = logged.dropna(subset=["val_uf1"]).sort_values("epoch")["val_uf1"].to_numpy()
+    assert len(val_uf1) == epochs
+    best = int(np.argmax(val_uf1))
+    assert (val_uf1 == val_uf1[best]).sum() == 1 and best != epochs - 1  # a unique middle best
+    (ckpt,) = (tmp_path / "checkpoints" / "dbA_sub00").glob("*.ckpt")
+    assert ckpt.name.startswith(f"epoch={best}-")
+
+    def probs_after(k: int) -> np.ndarray:  # the same training, stopped after k epochs
+        last = {**SPEC, "select": "last", "trainer": {**SPEC["trainer"], "max_epochs": k}}
+        return run_folds(samples, [fold], last, workers=1, show_progress=False)[0]["probs"]
+
+    np.testing.assert_allclose(result["probs"], probs_after(best + 1), rtol=0, atol=1e-6)
+    assert np.abs(result["probs"] - probs_after(epochs)).max() > 1e-3  # not the last epoch
 
 
 def test_selection_without_validation_subjects_is_refused():
@@ -130,3 +149,45 @@ def test_selection_without_validation_subjects_is_refused():
     protocol = OmegaConf.create({"name": "loso", "select": "val_uf1", "val_subjects": 0})
     with pytest.raises(ProtocolError, match="validation subjects"):
         make_folds(make_samples(), protocol, seed=0)
+
+
+def _prior_by_hand(samples, idx) -> np.ndarray:
+    """Row-normalised AU co-occurrence of the annotated samples at ``idx``."""
+    from mer.data.aus import PSYAU_AUS
+
+    counts = np.zeros((len(PSYAU_AUS), len(PSYAU_AUS)))
+    for i in idx:
+        row = samples.meta.iloc[int(i)]
+        if row["has_aus"]:
+            on = [PSYAU_AUS.index(a) for a in row["aus"] if a in PSYAU_AUS]
+            counts[np.ix_(on, on)] += 1
+    total = counts.sum(1, keepdims=True)
+    return np.where(total > 0, counts / np.maximum(total, 1e-12), 0.0)
+
+
+def test_each_loso_fold_counts_the_dpk_gat_prior_on_its_training_subjects(monkeypatch):
+    """The model a LOSO fold trains holds the prior of that fold's training samples, counted
+    here from the sample table, not the one with the test subject's clips."""
+    import mer.engine.build as build
+
+    samples = make_samples(n_subjects=3, databases=("dbA",), per_subject=4)
+    rng = np.random.default_rng(0)
+    samples.meta["aus"] = [tuple(int(a) for a in rng.choice([1, 2, 4, 6, 12, 14, 15, 16], 3,
+                                                            replace=False))
+                           for _ in range(len(samples.meta))]
+    samples.meta["has_aus"] = rng.random(len(samples.meta)) > 0.2
+    built = []
+    real = build.build_module
+    monkeypatch.setattr(build, "build_module",
+                        lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    folds = loso_folds(samples)
+    spec = {**SPEC, "model": {"name": "dpk_gat", "lr": 1e-3, "weight_decay": 0.0,
+                              "optimizer": "adam", "kwargs": {}},
+            "trainer": {**SPEC["trainer"], "max_epochs": 1, "limit_train_batches": 0}}
+    run_folds(samples, folds, spec, workers=1, show_progress=False)  # built, not trained
+    assert len(built) == len(folds) == 3
+    for fold, module in zip(folds, built):
+        prior = module.net.data_prior.numpy()
+        np.testing.assert_allclose(prior, _prior_by_hand(samples, fold.train_idx), atol=1e-6)
+        with_test = np.concatenate([fold.train_idx, fold.test_idx])
+        assert not np.allclose(prior, _prior_by_hand(samples, with_test), atol=1e-4)

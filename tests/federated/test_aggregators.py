@@ -1,4 +1,5 @@
-"""Aggregation rules: hand-computed values on tiny arrays, and Flower's own functions."""
+"""Aggregation rules: hand-computed values on tiny arrays (against Flower's own functions:
+test_against_flower.py)."""
 
 from __future__ import annotations
 
@@ -283,52 +284,3 @@ def test_proximal_term_value_and_gradient():
     assert g.grad is None
     with pytest.raises(ValueError, match="shape"):
         proximal_term([w], [torch.zeros(3)], mu=1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# against Flower's own functions (flwr/server/strategy/aggregate.py)
-# ---------------------------------------------------------------------------------------------
-
-flwr_aggregate = pytest.importorskip("flwr.server.strategy.aggregate")
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_fedavg_matches_flower(seed):
-    rng = np.random.default_rng(seed)
-    results = random_results(rng, 5)
-    assert_weights_close(fedavg(results), flwr_aggregate.aggregate(results))
-    results32 = random_results(rng, 4, dtype=np.float32)
-    assert_weights_close(fedavg(results32), flwr_aggregate.aggregate(results32))
-
-
-@pytest.mark.parametrize("num_clients", [4, 5])
-def test_median_matches_flower(num_clients):
-    results = random_results(np.random.default_rng(num_clients), num_clients)
-    assert_weights_close(median(results), flwr_aggregate.aggregate_median(results))
-
-
-@pytest.mark.parametrize("num_clients,beta", [(5, 0.2), (5, 0.3), (6, 0.45), (10, 0.25), (4, 0.0)])
-def test_trimmed_mean_matches_flower(num_clients, beta):
-    results = random_results(np.random.default_rng(num_clients), num_clients)
-    expected = flwr_aggregate.aggregate_trimmed_avg(results, beta)
-    assert_weights_close(trimmed_mean(results, beta), expected)
-
-
-@pytest.mark.parametrize("num_clients,f", [(7, 2), (6, 1), (5, 0), (3, 1)])
-def test_krum_matches_flower(num_clients, f):
-    rng = np.random.default_rng(10 + num_clients)
-    results = random_results(rng, num_clients)
-    # Flower's num_clients_to_keep = 0 is plain Krum
-    assert_weights_close(krum(results, f), flwr_aggregate.aggregate_krum(results, f, 0))
-    for keep in range(1, num_clients + 1):
-        expected = flwr_aggregate.aggregate_krum(results, f, keep)
-        assert_weights_close(krum(results, f, num_to_keep=keep), expected)
-
-
-def test_krum_rejects_an_outlier_like_flower():
-    rng = np.random.default_rng(3)
-    results = random_results(rng, 6)
-    results[2] = ([w + 100.0 for w in results[2][0]], results[2][1])
-    chosen = krum(results, 1)
-    assert np.abs(chosen[0]).max() < 50.0  # the shifted client is never chosen
-    assert_weights_close(chosen, flwr_aggregate.aggregate_krum(results, 1, 0))

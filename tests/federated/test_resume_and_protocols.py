@@ -84,15 +84,29 @@ def test_natural_sites_split_databases_by_subject():
 
 
 def test_holdout_repeats_report_mean_and_std(tmp_path):
+    """Repeats over seeds 0 and 1 report the mean and std of two independent single runs
+    (each with its own seed's split and initialisation), computed here from those runs."""
     s = toy_samples(n_db=2, n_subjects=5, learnable=True)
-    cfg = _rounds(fed_cfg(protocol={"kind": "holdout", "repeats": 3}), 1)
-    result = run_holdout(cfg, s, tmp_path, show_progress=False)
+    cfg = _rounds(fed_cfg(protocol={"kind": "holdout", "repeats": 2}, local_epochs=2), 1)
+    result = run_holdout(cfg, s, tmp_path / "repeats", show_progress=False)
     rep = result["repeats"]
-    assert rep["seeds"] == [0, 1, 2]
-    values = rep["summary"]["global"]["uf1"]["values"]
-    assert len(values) == 3 and values[0] == result["final"]["pooled_global"]["uf1"]
-    assert rep["summary"]["global"]["uf1"]["mean"] == pytest.approx(np.mean(values))
-    assert rep["summary"]["global"]["uf1"]["std"] == pytest.approx(np.std(values, ddof=1))
+    assert rep["seeds"] == [0, 1]
+    single = []
+    for seed in (0, 1):
+        cfg_s = OmegaConf.create(OmegaConf.to_container(cfg))
+        with open_dict(cfg_s):
+            cfg_s.seed = seed
+        alone = run_federated(cfg_s, s, make_clients(cfg_s, s), None, show_progress=False)
+        single.append(alone["final"]["pooled_global"])
+    for score in ("uf1", "uar", "accuracy"):
+        values = [r[score] for r in single]
+        summary = rep["summary"]["global"][score]
+        assert summary["values"] == pytest.approx(values, abs=1e-12)
+        assert summary["mean"] == pytest.approx(np.mean(values), abs=1e-12)
+        assert summary["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    assert result["final"]["pooled_global"] == single[0]  # the report's run is seed 0's
+    # the seeds make different runs (else repeating one seed twice would pass)
+    assert single[0] != single[1]
 
 
 def test_federated_loso_holds_each_subject_out_of_its_client(tmp_path):
@@ -111,3 +125,46 @@ def test_federated_loso_holds_each_subject_out_of_its_client(tmp_path):
     assert result["protocol"] == {"kind": "loso", "folds": 6}
     assert sorted(result["predictions"]["index"]) == list(range(len(keys)))
     assert result["final"]["pooled_global"]["n"] == len(keys)
+
+
+DP = {"name": "dp", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_epsilon": None,
+      "delta": 1e-5, "accountant": "rdp", "sample_rate": None, "secure_mode": False}
+CENTRAL_DP = {"name": "central_dp", "noise_multiplier": 1.0, "clip_norm": 1.0, "delta": 1e-3,
+              "accountant": "rdp", "min_clients": 2}
+
+
+class _Killed(Exception):
+    """Stands for the process dying during a round."""
+
+
+@pytest.mark.parametrize("privacy", [DP, CENTRAL_DP], ids=["dp", "central_dp"])
+def test_a_private_run_resumes_to_the_same_weights_and_epsilons(tmp_path, privacy):
+    """Killed during round 2 of 2 and resumed from the round-1 checkpoint, a run under DP-SGD
+    (one accountant per client, seeded noise) or central DP (server accountant and noise
+    generator) ends with the uninterrupted run's global model and epsilon(s)."""
+    s = toy_samples(n_db=2, n_subjects=3, per_subject=2, learnable=True)
+    clients = natural_clients(s, seed=0)
+    cfg = _rounds(fed_cfg(eval_every=2), 2)
+    with open_dict(cfg):
+        cfg.privacy = OmegaConf.create(privacy)
+    straight = FederatedRun(cfg, s, clients)
+    straight.run_rounds()
+
+    first = FederatedRun(cfg, s, clients, tmp_path)
+    real_round = first.round
+    first.round = lambda rnd: real_round(rnd) if rnd < 2 else (_ for _ in ()).throw(_Killed())
+    with pytest.raises(_Killed):
+        first.run_rounds()
+    assert first.round_done == 1
+    resumed = FederatedRun(cfg, s, clients, tmp_path)
+    assert resumed.try_resume() and resumed.round_done == 1
+    assert resumed.epsilons() == first.epsilons() != straight.epsilons()  # 1 round spent
+    resumed.run_rounds()
+    assert resumed.epsilons() == straight.epsilons()
+    eps = straight.epsilons()
+    spent = eps["clients"].values() if "clients" in eps else [eps["central"]]
+    assert all(e > 0 for e in spent)
+    for a, b in zip(straight.global_weights, resumed.global_weights):
+        np.testing.assert_array_equal(a, b)
+    assert [r.get("privacy") for r in resumed.stats] == \
+        [r.get("privacy") for r in straight.stats]
