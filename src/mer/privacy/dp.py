@@ -26,6 +26,12 @@ whose layers Opacus' hooks cannot take (DPK-GAT: its graph layers batch over AU 
 samples) get their per-sample gradients from one backward pass per sample instead; Opacus'
 DPOptimizer and accountant do the rest either way.
 
+**DP-SGD on in-memory tensors** (:func:`dp_sgd`): the same Opacus pieces (Poisson batches,
+per-sample clipping, noise, one accountant per data holder) without Lightning, for a small
+head over frozen features (``mer.models.frozen_head``, ``+experiment=dp_curve``), where a
+step costs milliseconds. :func:`calibrate_noise` finds the sigma that spends a target epsilon
+for DP-SGD and central DP alike.
+
 FedProx under DP-SGD: the proximal term ``mu/2 ||w - w_global||^2`` involves no data, so its
 gradient is added *after* clipping and noise (post-processing: no privacy cost).
 
@@ -35,11 +41,17 @@ the sensitivity is then C / K) and adds Gaussian noise of std ``noise_multiplier
 Its epsilon comes from Opacus' RDP accountant with one step per round at sampling rate
 ``K / (number of clients)``. (The loop samples a fixed number of clients without
 replacement; the Poisson-sampling bound is exact when every client takes part, q = 1.)
+What it protects: the *released* models (and what anyone learns from them about one
+client's participation), not the updates. In mer's loop (``privacy=central_dp``) the server
+clips each client's plaintext update itself, so it sees every individual update; it does not
+run over secure aggregation (:meth:`CentralDP.add_noise` on a securely summed mean of
+lab-clipped updates is the building block for that, not wired into the loop).
 """
 
 from __future__ import annotations
 
 import types
+import warnings
 from dataclasses import dataclass
 
 import lightning as L
@@ -87,15 +99,40 @@ class DPConfig:
     secure_mode: bool = False
 
 
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str = "rdp", tolerance: float = 0.01) -> float:
+    """The noise multiplier sigma that spends ``target_epsilon`` at ``delta`` in ``steps``
+    steps of the subsampled Gaussian mechanism at Poisson rate ``sample_rate`` (Opacus'
+    ``get_noise_multiplier``): the epsilon it gives is in ``(target - tolerance, target]``.
+
+    The same calibration serves DP-SGD (q = expected batch / n, one step per batch) and
+    central DP (q = sampled clients / clients, one step per round).
+
+    Raises:
+        ValueError: a target, delta, rate or step count out of range (named).
+    """
+    checks = {"target_epsilon": target_epsilon > 0, "delta": 0 < delta < 1,
+              "sample_rate": 0 < sample_rate <= 1, "steps": int(steps) >= 1,
+              "tolerance": 0 < tolerance < target_epsilon}
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise ValueError(
+            f"noise calibration: {bad[0]} out of range (target_epsilon={target_epsilon}, "
+            f"delta={delta}, sample_rate={sample_rate}, steps={steps}, tolerance="
+            f"{tolerance}); need epsilon > 0, 0 < delta < 1, 0 < q <= 1, steps >= 1")
+    return float(get_noise_multiplier(target_epsilon=float(target_epsilon),
+                                      target_delta=float(delta), sample_rate=float(sample_rate),
+                                      steps=int(steps), accountant=accountant,
+                                      epsilon_tolerance=float(tolerance)))
+
+
 def noise_for_budget(dp: DPConfig, sample_rate: float, steps: int) -> float:
     """The noise multiplier that spends ``dp.target_epsilon`` (at ``dp.delta``) in ``steps``
-    steps of Poisson rate ``sample_rate`` (Opacus' ``get_noise_multiplier``); without a
-    target, ``dp.noise_multiplier``."""
+    steps of Poisson rate ``sample_rate`` (:func:`calibrate_noise`); without a target,
+    ``dp.noise_multiplier``."""
     if dp.target_epsilon is None:
         return float(dp.noise_multiplier)
-    return float(get_noise_multiplier(target_epsilon=dp.target_epsilon, target_delta=dp.delta,
-                                      sample_rate=sample_rate, steps=steps,
-                                      accountant=dp.accountant))
+    return calibrate_noise(dp.target_epsilon, dp.delta, sample_rate, steps, dp.accountant)
 
 
 class ClientPrivacy:
@@ -308,6 +345,84 @@ def _add_proximal_after_noise(dp_opt, module: MERModule) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# sample-level DP-SGD on in-memory tensors (a small head over frozen features)
+# --------------------------------------------------------------------------------------------
+
+
+def dp_sgd(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, privacy: ClientPrivacy, *,
+           steps: int, sample_rate: float, max_grad_norm: float, lr: float,
+           momentum: float = 0.0, seed: int = 0) -> dict:
+    """``steps`` steps of sample-level DP-SGD on ``net``'s trainable parameters, in place.
+
+    Each step draws a Poisson batch of (x (N, ...), y (N,)) (Opacus' ``DPDataLoader``: each
+    sample in with probability q = ``sample_rate``, so the batch size varies and may be 0),
+    takes per-sample cross-entropy gradients (Opacus' hooks), clips each to L2 norm C =
+    ``max_grad_norm``, adds N(0, (sigma C)^2) with sigma = ``privacy.noise_multiplier``,
+    divides by the expected batch q N and takes an SGD step. ``privacy``'s accountant records
+    every step at rate q, so ``privacy.epsilon()`` counts all of them (it carries on across
+    calls: one accountant per data holder). Frozen parameters (``requires_grad=False``) and
+    anything outside ``net.parameters()`` get no gradient and no noise.
+
+    Returns ``{"steps", "sample_rate", "noise_multiplier", "batch_sizes", "mean_batch",
+    "signal_norm", "noise_norm"}``: the Poisson batch sizes, and the mean over steps of the
+    norm of the summed clipped gradients (signal, <= batch * C) and of the added noise
+    (about sigma C sqrt(D)).
+
+    Raises:
+        ValueError: empty or mismatched data, a rate outside (0, 1], steps < 1, C <= 0, or a
+            network without trainable parameters.
+    """
+    from opacus.optimizers import DPOptimizer
+
+    n = len(x)
+    if n == 0 or len(y) != n:
+        raise ValueError(f"dp_sgd: x has {n} samples and y {len(y)}; need the same, > 0")
+    if not 0.0 < sample_rate <= 1.0 or int(steps) < 1 or max_grad_norm <= 0:
+        raise ValueError(f"dp_sgd: sample_rate={sample_rate} (need 0 < q <= 1), steps={steps} "
+                         f"(need >= 1), max_grad_norm={max_grad_norm} (need > 0)")
+    params = [p for p in net.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"dp_sgd: {type(net).__name__} has no trainable parameter")
+    gen = torch.Generator().manual_seed(int(seed))
+    loader = DPDataLoader(TensorDataset(x, y), sample_rate=float(sample_rate), generator=gen)
+    hooks = GradSampleHooks(net, loss_reduction="sum")
+    expected = float(sample_rate) * n
+    optimizer = DPOptimizer(
+        torch.optim.SGD(params, lr=lr, momentum=momentum),
+        noise_multiplier=privacy.noise_multiplier, max_grad_norm=float(max_grad_norm),
+        expected_batch_size=expected, loss_reduction="mean",
+        generator=torch.Generator().manual_seed(int(seed) + 1))
+    optimizer.attach_step_hook(privacy.accountant.get_optimizer_hook_fn(float(sample_rate)))
+    batches, signal, noise, done = [], [], [], 0
+    was_training = net.training
+    net.train()
+    try:
+        with warnings.catch_warnings():  # the head's input needs no gradient: nothing to do
+            warnings.filterwarnings("ignore", message=r".*Full backward hook is firing.*")
+            while done < int(steps):
+                for xb, yb in loader:
+                    optimizer.zero_grad(set_to_none=True)
+                    torch.nn.functional.cross_entropy(net(xb), yb, reduction="sum").backward()
+                    optimizer.step()
+                    summed = torch.cat([p.summed_grad.reshape(-1) for p in params])
+                    noisy = torch.cat([p.grad.reshape(-1) for p in params]) * expected
+                    batches.append(len(yb))
+                    signal.append(float(summed.norm()))
+                    noise.append(float((noisy - summed).norm()))
+                    done += 1
+                    if done == int(steps):
+                        break
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        hooks.cleanup()
+        net.train(was_training)
+    return {"steps": done, "sample_rate": float(sample_rate),
+            "noise_multiplier": privacy.noise_multiplier, "batch_sizes": batches,
+            "mean_batch": float(np.mean(batches)), "signal_norm": float(np.mean(signal)),
+            "noise_norm": float(np.mean(noise))}
+
+
+# --------------------------------------------------------------------------------------------
 # central DP at the server
 # --------------------------------------------------------------------------------------------
 
@@ -321,12 +436,14 @@ class CentralDPConfig:
         clip_norm: C, the bound on each client's update norm (all state-dict entries).
         delta: the delta of (epsilon, delta); below 1 / (number of clients).
         accountant: ``rdp`` (Opacus).
+        min_clients: the fewest clipped updates averaged; a round with fewer is skipped.
     """
 
     noise_multiplier: float = 1.0
     clip_norm: float = 1.0
     delta: float = 1e-3
     accountant: str = "rdp"
+    min_clients: int = 3
 
 
 def clip_update(weights: Weights, reference: Weights, clip_norm: float) -> tuple[Weights, float]:
