@@ -7,6 +7,10 @@ every fold present exactly once. Federated runs give one row each: rule, clients
 pooled global and personalised UF1/UAR, and the pooled/local baselines of the same run (with
 ``protocol.repeats`` > 1, the mean over seeds and its standard deviation).
 
+Each row also gives the network's trainable parameter count (``params``, built from the run's
+model config) and, for recognition runs, the mean training seconds per fold (``s_per_fold``,
+from the runs' ``timings.folds_s``; resumed folds count with the seconds of their first run).
+
 Writes ``summary.csv`` and ``summary.md`` (to ``--out``, default the first folder) and prints
 the table.
 """
@@ -43,6 +47,15 @@ def _overrides(run_dir: Path) -> str:
     return " ".join(ln for ln in lines if not ln.startswith("protocol.fold_index"))
 
 
+def parameter_count(model_cfg: dict, num_classes: int, in_channels: int = 3) -> int:
+    """Trainable parameters of the network a model config builds (``num_classes`` outputs)."""
+    from mer.models.registry import create_model
+
+    net = create_model(model_cfg["name"], num_classes=num_classes, in_channels=in_channels,
+                       **(model_cfg.get("kwargs") or {}))
+    return int(sum(p.numel() for p in net.parameters() if p.requires_grad))
+
+
 def _federated_row(run_dir: Path, results: dict) -> dict:
     fed, cfg = results["federated"], results["config"]
     row = {"name": results["name"], "overrides": _overrides(run_dir),
@@ -66,6 +79,7 @@ def _federated_row(run_dir: Path, results: dict) -> dict:
         else:
             row[f"{kind}_uf1"], row[f"{kind}_uar"] = round(m["uf1"], 4), round(m["uar"], 4)
     row["n"] = fed["final"]["pooled_global"]["n"]
+    row["params"] = parameter_count(cfg["model"], len(results["data"]["class_names"]))
     row["seconds"] = round(results["timings"]["federated_s"], 1)
     return row
 
@@ -118,12 +132,17 @@ def collect(paths: list[Path]) -> pd.DataFrame:
                                f"experiment (e.g. {first_dir}); remove the duplicate run")
         m = score_predictions(pooled, classes)["overall"]
         total = first["protocol"].get("total_folds", len(fold_sizes))
+        fold_seconds = [s for _, r in runs for s in
+                        ((r.get("timings") or {}).get("folds_s") or {}).values()]
         rows.append({
             "name": first["name"], "overrides": _overrides(first_dir),
             "model": first["config"]["model"]["name"], "data": first["config"]["data"]["name"],
             "synthetic": first["synthetic"], "runs": len(runs), "folds": len(fold_sizes),
             "complete": len(fold_sizes) == total, "n": m["n"], "uf1": round(m["uf1"], 4),
             "uar": round(m["uar"], 4), "accuracy": round(m["accuracy"], 4),
+            "params": parameter_count(first["config"]["model"], len(classes)),
+            "s_per_fold": round(float(sum(fold_seconds) / len(fold_seconds)), 2)
+            if fold_seconds else None,
         })
     return pd.DataFrame(rows).sort_values(["name", "overrides"]).reset_index(drop=True)
 

@@ -8,9 +8,14 @@ Writes ``prepare_report.json`` and ``.md`` (counts per class and database, the a
 clip and whether it was estimated, every excluded sample with its reason (failures remembered
 from an earlier run say so), time per stage) into the run folder and next to the cache entries.
 
+Long-video data configs (``data=synme_lv``, or a real CAS(ME)^2 / SAMM-LV with
+``+data.long_videos=true``) are prepared for spotting instead: per-frame ROI flow of every video,
+cached per chunk (``mer.data.preprocess.longvideo``), with a long-video prepare report.
+
 Examples::
 
     python -m mer.prepare data=synme
+    python -m mer.prepare data=synme_lv data.preset=tiny
     python -m mer.prepare data=casme2 data.root=/path/to/CASME2 data.on_error=skip
 """
 
@@ -27,6 +32,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from mer.config_check import check_or_exit
 from mer.run import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -135,8 +141,12 @@ def write_report(report: dict[str, Any], folder: str | Path) -> Path:
 
 def prepare(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Prepare ``cfg.data`` into ``cfg.paths.cache_dir``; the report, also written to disk."""
+    from mer.data.preprocess.longvideo import is_long_video, prepare_report
     from mer.data.preprocess.prepared import manifest_dir
     from mer.data.sources import load_samples
+
+    if is_long_video(cfg.data):  # spotting: long-video features, their own report
+        return prepare_report(cfg.data, cfg.paths.cache_dir, out_dir)
 
     t0 = time.perf_counter()
     samples = load_samples(cfg.data, cfg.paths.cache_dir, prepared=True)
@@ -150,8 +160,15 @@ def prepare(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Preprocess ``cfg.data`` into the cache and write the prepare report."""
+    check_or_exit(cfg)  # every problem of the config on stderr, exit 2, before any work
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     report = prepare(cfg, out_dir)
+    if report.get("kind") == "long_videos":
+        stats = report["stats"]
+        log.info("prepared %d long videos (%d frames, %d chunks computed) of %s in %.1f s; "
+                 "report: %s", stats["videos"], stats["frames"], stats["chunks_computed"],
+                 cfg.data.name, report["seconds"]["total"], out_dir / "prepare_report.md")
+        return
     log.info("prepared %d samples of %s (%d excluded) in %.1f s; report: %s",
              report["samples"], cfg.data.name, len(report["excluded"]),
              report["seconds"]["total"], out_dir / "prepare_report.md")

@@ -7,6 +7,9 @@ Examples::
     python -m mer.run -m model=ststnet,offapexnet
     python -m mer.run +experiment=fed_psyau privacy=ckks
     python -m mer.run +experiment=privacy_audit
+    python -m mer.run +experiment=dp_curve
+    python -m mer.run +experiment=spot_synme
+    python -m mer.run +experiment=fed_spot
 """
 
 from __future__ import annotations
@@ -17,15 +20,31 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from mer.config_check import check_or_exit
+from mer.engine.runlock import one_run_per_folder
+
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float:
-    """Run the experiment a config describes; returns the overall UF1 (for sweepers)."""
+def run(cfg: DictConfig, run_dir: Path) -> float:
+    """Run the experiment ``cfg`` describes, writing into ``run_dir``; its headline UF1.
+
+    What :func:`main` does once Hydra has composed and checked the config (tests call it with
+    a composed config)."""
     from mer.engine.runner import run_federated_experiment, run_recognition
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("dp_curve"):
+        from mer.experiments.dp_curve import run_dp_curve
+
+        return run_dp_curve(cfg, run_dir)["summary"]["best_dp_uf1"]
+    if cfg.get("fed_spot"):
+        from mer.experiments.fed_spot import run_fed_spot
+
+        return run_fed_spot(cfg, run_dir)["headline"]
+    if cfg.get("spotters") or cfg.get("spotting"):
+        from mer.spotting.runner import headline, run_spotting
+
+        return headline(run_spotting(cfg, run_dir))
     if cfg.get("audit"):
         from mer.privacy.audit import run_audit
 
@@ -36,6 +55,15 @@ def main(cfg: DictConfig) -> float:
         return results["federated"]["final"]["pooled_personalised"]["uf1"]
     results = run_recognition(cfg, run_dir)
     return results["metrics"]["overall"]["uf1"]
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+@one_run_per_folder  # one run per hydra.run.dir (.mer.lock); SIGTERM unwinds (resume=true)
+def main(cfg: DictConfig) -> float:
+    """Run the experiment a config describes; returns the overall UF1 (for sweepers). A bad
+    config is reported (every problem, on stderr) and exits with status 2 before any work."""
+    check_or_exit(cfg)
+    return run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ class MemoryGrid:
         self.contexts = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(),
                                     run_config={}) for n in nodes}
         self.sent: list[tuple[str, int]] = []
+        self.messages: list[Message] = []  # what the server sent (and relayed)
         self.received: list[tuple[str, int, Message]] = []  # what reached the server
 
     def get_node_ids(self) -> list[int]:
@@ -39,6 +40,7 @@ class MemoryGrid:
         for msg in messages:
             node = msg.metadata.dst_node_id
             self.sent.append((msg.metadata.message_type, node))
+            self.messages.append(msg)
             if self.nodes[node].client.name in self.silent:
                 continue  # a node that never answers (killed, unplugged)
             TaskIdentity.node_id = node
@@ -58,14 +60,17 @@ def memory_flower(monkeypatch):
     nodes: dict[int, flower_app.Node] = {}
     monkeypatch.setattr(flower_app, "node_from_context", lambda ctx: nodes[ctx.node_id])
 
-    def build(cfg, samples, node_cfg=None):
-        """``node_cfg``: the labs' config where it differs from the server's (key files)."""
+    def build(cfg, samples, node_cfg=None, node_configs=None):
+        """``node_cfg``: the labs' config where it differs from the server's (key files);
+        ``node_configs``: node id -> its SuperNode's ``--node-config`` (pins)."""
         node_cfg = node_cfg or cfg
         clients = make_clients(cfg, samples)
         for k, c in enumerate(clients):  # each node: its own FederatedRun of the same config
             nodes[101 + k] = flower_app.Node(node_cfg, FederatedRun(node_cfg, samples, clients),
                                              c, k)
         grid = MemoryGrid(nodes)
+        for node, config in (node_configs or {}).items():
+            grid.contexts[node].node_config.update(config)
         federation = flower_app.discover(grid, timeout_s=1)  # the server holds no data
         run = flower_app.FlowerRun(cfg, federation.samples, federation.clients, grid=grid,
                                    federation=federation, round_timeout_s=1)
@@ -208,7 +213,7 @@ def test_a_client_without_a_supernode_stops_the_start(memory_flower, monkeypatch
 
 CKKS = {"name": "ckks", "poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 60],
         "scale_bits": 40, "chunk_size": 4096, "symmetric": True, "n_threads": 0}
-SECAGG = {"name": "secagg", "mask_bits": 64, "frac_bits": 24, "min_survivors": 2}
+SECAGG = {"name": "secagg", "mask_bits": 64, "frac_bits": 24}
 
 
 def _with_privacy(cfg, privacy: dict):
@@ -269,21 +274,30 @@ def test_secure_aggregation_over_flower_gives_the_in_process_run(memory_flower, 
 
 
 def test_secagg_over_flower_recovers_a_client_lost_after_the_key_exchange(memory_flower):
-    """db0 publishes its key, then fails in training: the survivors' masks with it do not
-    cancel; they reveal those seeds (only those) and the round still gives the survivors'
-    FedAvg, as in-process."""
+    """db0 shares its keys, then fails in training: the survivors' pairwise masks with it do
+    not cancel; each survivor hands out its share of db0's key (and of the survivors' self
+    masks, never db0's), and the round still gives the survivors' FedAvg, as in-process.
+    (Two survivors: privacy.min_clients=2 here, so threshold t = 2.)"""
+    from mer.privacy.secagg import curious_estimate
+
     samples = toy_samples(learnable=True)
     cfg = _with_privacy(fed_cfg(seed=2, faults={"crash": [{"client": "db0", "round": 1}]}),
-                        SECAGG)
+                        {**SECAGG, "min_clients": 2})
     flower, grid = memory_flower(cfg, samples)
-    flower.run_rounds()
-    r1, r2 = flower.stats
+    r1 = flower.round(1)
+    server = flower.secure.server  # round 1's SecAggServer: everything the server holds
+    assert server.u2 == ["db0", "db1", "db2"] and server.u3 == ["db1", "db2"]
+    assert curious_estimate(server, "db0") is None  # its input never left the node
+    r2 = flower.round(2)
     assert r1["failed"] == ["db0"] and r1["clients"] == ["db1", "db2"]
     assert r2["failed"] == [] and r2["clients"] == ["db0", "db1", "db2"]
-    reveals = [(node, reply.content["secure"]) for kind, node, reply in grid.received
-               if kind == "query.secure_reveal"]
-    assert sorted(node for node, _ in reveals) == [102, 103]  # round 1 only, the survivors
-    assert all(set(seeds) == {"db0"} for _, seeds in reveals)
+    unmasks = [(node, reply.content) for kind, node, reply in grid.received
+               if kind == "query.secure_unmask"]
+    assert [node for node, _ in unmasks] == [102, 103, 101, 102, 103]
+    for _, content in unmasks[:2]:  # round 1: db0's key, the survivors' self masks
+        assert set(content["s"]) == {"db0"} and set(content["b"]) == {"db1", "db2"}
+    for _, content in unmasks[2:]:  # round 2: nobody dropped
+        assert set(content["s"]) == set() and set(content["b"]) == {"db0", "db1", "db2"}
     local = _in_process(cfg, samples)
     for a, b in zip(flower.global_weights, local.global_weights):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
@@ -296,6 +310,158 @@ def test_the_flower_server_must_hold_only_the_public_ckks_context(memory_flower,
         memory_flower(node_cfg, toy_samples())
     with pytest.raises(ValueError, match="python -m mer.privacy.keys"):
         memory_flower(_with_privacy(cfg, CKKS), toy_samples())
+
+
+def _late(run, name: str, seconds: float = 1000.0) -> None:
+    """``name``'s local training on ``run`` reports ``seconds`` (past any deadline)."""
+    train_client = run.train_client
+
+    def slow(client, *args, **kwargs):
+        update = train_client(client, *args, **kwargs)
+        if client.name == name:
+            update.seconds = seconds
+        return update
+
+    run.train_client = slow
+
+
+def _arrived_and_dropped(flower, grid) -> tuple[set, list]:
+    """Labs whose masked input reached the server; the labs each unmasking request named
+    dropped."""
+    names = {node: name for name, node in flower.nodes.items()}
+    arrived = {names[node] for kind, node, reply in grid.received
+               if kind == "train" and not reply.has_error() and "secure" in reply.content
+               and "payload" in reply.content["secure"]}
+    dropped = [list(msg.content["config"]["dropped"]) for msg in grid.messages
+               if "config" in msg.content and "dropped" in msg.content["config"]]
+    return arrived, dropped
+
+
+def test_secagg_over_flower_never_unmasks_a_late_lab(memory_flower):
+    """Finding 1: db0 misses faults.deadline_s. Its masked input must never be treated as
+    dropped once it has arrived (the seeds that would then be revealed unmask it): the lab
+    holds it back itself, the round sums the other three, as in-process."""
+    samples = toy_samples(n_db=4, n_subjects=3, per_subject=3, learnable=True)
+    cfg = _with_privacy(fed_cfg(seed=2, faults={"deadline_s": 100.0}), SECAGG)
+    flower, grid = memory_flower(cfg, samples)
+    _late(grid.nodes[101].run, "db0")
+    flower.run_rounds()
+    arrived, dropped = _arrived_and_dropped(flower, grid)
+    assert all(not set(d) & arrived for d in dropped), (arrived, dropped)
+    assert [r["late"] for r in flower.stats] == [["db0"], ["db0"]]
+    assert [r["clients"] for r in flower.stats] == [["db1", "db2", "db3"]] * 2
+    local = FederatedRun(cfg, samples, make_clients(cfg, samples))
+    _late(local, "db0")
+    local.run_rounds()
+    for a, b in zip(flower.global_weights, local.global_weights):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_masked_input_that_arrived_late_is_counted_in_the_sum(memory_flower):
+    """Finding 1, the server's deadline alone: db0's masked input arrives, its reply says it
+    took longer than the server's faults.deadline_s. It is counted in the sum (never
+    unmasked alone): the global model is the FedAvg of all four labs."""
+    from omegaconf import open_dict
+
+    samples = toy_samples(n_db=4, n_subjects=3, per_subject=3, learnable=True)
+    node_cfg = _with_privacy(fed_cfg(seed=2), SECAGG)
+    server_cfg = node_cfg.copy()
+    with open_dict(server_cfg):
+        server_cfg.federated.faults = {"deadline_s": 100.0}
+    flower, grid = memory_flower(server_cfg, samples, node_cfg)
+    _late(grid.nodes[101].run, "db0")
+    flower.run_rounds()
+    arrived, dropped = _arrived_and_dropped(flower, grid)
+    assert "db0" in arrived and all(not set(d) & arrived for d in dropped)
+    local = _in_process(node_cfg, samples)
+    for a, b in zip(flower.global_weights, local.global_weights):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["ckks", "secagg"])
+def test_a_protected_round_with_one_contributor_is_skipped_over_flower(memory_flower,
+                                                                        tmp_path, scheme):
+    """Finding 2 over Flower: db0 and db1 crash in round 1; db2's protected update alone is
+    never opened (no decryption asked, global model unchanged), the round is recorded as
+    skipped, the run goes on and round 2 aggregates all three."""
+    samples = toy_samples(learnable=True)
+    cfg = fed_cfg(seed=2, faults={"crash": [{"client": "db0", "round": 1},
+                                            {"client": "db1", "round": 1}]})
+    server_cfg, node_cfg = _key_configs(cfg, tmp_path) if scheme == "ckks" \
+        else (_with_privacy(cfg, SECAGG),) * 2
+    flower, grid = memory_flower(server_cfg, samples, node_cfg)
+    r1 = flower.round(1)
+    for a, b in zip(flower.global_weights, flower.initial_weights):
+        np.testing.assert_array_equal(a, b)
+    opened = {"query.secure_finish", "query.secure_reveal", "query.secure_unmask"}
+    assert not [k for k, _ in grid.sent if k in opened]
+    assert "min_clients" in str(r1["skipped"]) and r1["clients"] == ["db2"]
+    r2 = flower.round(2)
+    assert not r2["skipped"] and r2["clients"] == ["db0", "db1", "db2"]
+    assert any(not np.array_equal(a, b) for a, b in zip(flower.global_weights,
+                                                        flower.initial_weights))
+
+
+def test_the_flower_server_refuses_a_secret_key_file_before_loading_it(tmp_path, monkeypatch):
+    """Finding 6: the ServerApp given the secret context (as secret_context, or as its
+    public_context) refuses it without ever deserialising the secret key."""
+    from types import SimpleNamespace
+
+    import tenseal
+
+    from mer.privacy.encrypted import CKKSParams, write_key_files
+
+    secret, _ = write_key_files(CKKSParams(), tmp_path)
+    loaded = []
+    real = tenseal.context_from
+    monkeypatch.setattr(tenseal, "context_from",
+                        lambda data, *a, **kw: loaded.append(bytes(data)) or real(data, *a, **kw))
+    samples, cfg = toy_samples(), fed_cfg()
+    clients = make_clients(cfg, samples)
+    for privacy, match in (({**CKKS, "secret_context": str(secret)}, "only privacy.public_context"),
+                           ({**CKKS, "public_context": str(secret)}, "holds the secret key")):
+        with pytest.raises(PermissionError, match=match):
+            flower_app.FlowerRun(_with_privacy(cfg, privacy), samples, clients, grid=None,
+                                 federation=SimpleNamespace(au_counts=None, nodes={}))
+    assert loaded == []  # the secret context was never handed to TenSEAL in this process
+
+
+def test_a_lab_that_pins_its_privacy_refuses_a_downgrade(memory_flower):
+    """Finding 6: a lab pins ``privacy`` in its node config; a run whose privacy mode differs
+    (the server submits plaintext) is refused, with an error naming the lab."""
+    samples = toy_samples()
+    with pytest.raises(TimeoutError, match=r"db0.*pins privacy=secagg.*privacy=none"):
+        memory_flower(fed_cfg(), samples, node_configs={101: {"privacy": "secagg"}})
+    flower, grid = memory_flower(_with_privacy(fed_cfg(rounds=1), SECAGG), samples,
+                                 node_configs={n: {"privacy": "secagg"} for n in (101, 102, 103)})
+    flower.run_rounds()  # the pinned mode itself runs
+    assert flower.stats[0]["clients"] == ["db0", "db1", "db2"]
+
+
+def test_a_supernode_checks_its_pins_before_loading_any_data(monkeypatch):
+    """The SuperNode's own path (node_from_context): the pin is checked on the composed
+    config, before the lab's data is loaded."""
+    import mer.data.sources
+
+    monkeypatch.setattr(mer.data.sources, "load_samples",
+                        lambda *a, **kw: pytest.fail("data loaded before the pin check"))
+    context = Context(run_id=1, node_id=7, state=RecordDict(),
+                      node_config={"client-name": "synA", "privacy": "secagg"},
+                      run_config={"overrides": "federated=fedavg data.preset=tiny"})
+    with pytest.raises(PermissionError, match="'synA' pins privacy=secagg.*privacy=none"):
+        flower_app.node_from_context(context)
+
+
+def test_a_lab_that_pins_its_ckks_key_refuses_another_key(memory_flower, tmp_path):
+    """A lab pins its own key file; a run that would have it encrypt under another key (one
+    the server made, say) is refused, naming the lab."""
+    from mer.privacy.encrypted import CKKSParams, write_key_files
+
+    mine, _ = write_key_files(CKKSParams(), tmp_path / "lab")
+    server_cfg, node_cfg = _key_configs(fed_cfg(), tmp_path / "server")
+    with pytest.raises(TimeoutError, match=r"db1.*pins its CKKS key file"):
+        memory_flower(server_cfg, toy_samples(), node_cfg, node_configs={
+            102: {"privacy": "ckks", "privacy-secret-context": str(mine)}})
 
 
 def test_compose_config_refuses_a_config_without_federated():
@@ -377,6 +543,46 @@ def test_ckks_over_real_flower_processes_gives_the_in_process_model(tmp_path, ca
         assert "query.secure_finish" in fed.log("supernode0")
     saved = torch.load(tmp_path / "out" / "global_model.pt", weights_only=False)["global"]
     for a, b in zip(saved, expected):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_late_lab_under_secagg_over_real_flower_processes(tmp_path, cache):
+    """privacy=secagg, 3 SuperNodes on 127.0.0.1; the first lab's own config has a deadline
+    its training always misses: it keeps its update (never sent, so never unmasked), the
+    others' rounds complete with the threshold protocol, and the global model is the
+    in-process secagg run's with that lab late."""
+    import json
+
+    from omegaconf import open_dict
+
+    from mer.data.sources import load_samples
+    from mer.federated.flower_local import LocalFederation
+
+    overrides = OVERRIDES + " privacy=secagg privacy.min_clients=2"
+    cfg = flower_app.compose_config(overrides)
+    samples = load_samples(cfg.data, cfg.paths.cache_dir)  # (fills the nodes' data cache)
+    names = [c.name for c in make_clients(cfg, samples)]
+    with open_dict(cfg):
+        cfg.federated.faults = {**(cfg.federated.get("faults") or {}), "deadline_s": 1e6}
+    local = FederatedRun(cfg, samples, make_clients(cfg, samples))
+    _late(local, names[0], seconds=1e7)  # only the first lab is late, as on the nodes below
+    local.run_rounds()
+    out = tmp_path / "out"
+    late_node = ["federated.faults.deadline_s=0.000001", "", ""]
+    with LocalFederation(tmp_path / "flower", clients=3, node_overrides=late_node) as fed:
+        run_id = fed.submit({"overrides": overrides, "out-dir": str(out),
+                             "connect-timeout-s": 600.0})  # (slow starts on a busy machine)
+        status = fed.wait(run_id, timeout_s=1500)
+        assert status == "finished:completed", fed.server_log(run_id)[-4000:]
+        assert "query.secure_keys" in fed.log("supernode0")
+        assert "query.secure_unmask" not in fed.log("supernode0")  # it sent no input
+    results = json.loads((out / "results.json").read_text())["federated"]
+    assert [r["late"] for r in results["rounds"]] == [[names[0]]] * 2
+    assert [r["clients"] for r in results["rounds"]] == [names[1:]] * 2
+    assert not any(r["skipped"] for r in results["rounds"])
+    saved = torch.load(out / "global_model.pt", weights_only=False)["global"]
+    for a, b in zip(saved, local.global_weights):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 

@@ -6,13 +6,13 @@ import pytest
 from fedtoys import fed_cfg, toy_samples
 from omegaconf import OmegaConf, open_dict
 
-from mer.federated.loop import FederatedRun
+from mer.federated.loop import FederatedRun, run_federated
 from mer.federated.partition import natural_clients
 from mer.privacy.base import flatten
 
 CKKS = {"name": "ckks", "poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 60],
         "scale_bits": 40, "chunk_size": 4096, "symmetric": True, "n_threads": 0}
-SECAGG = {"name": "secagg", "mask_bits": 64, "frac_bits": 24, "min_survivors": 2}
+SECAGG = {"name": "secagg", "mask_bits": 64, "frac_bits": 24, "min_clients": 3}
 
 
 def _cfg(privacy, **federated):
@@ -99,3 +99,42 @@ def test_central_dp_clips_noises_and_accounts_per_round():
     e1 = noisy.round(1)["privacy"]["central"]
     e2 = noisy.round(2)["privacy"]["central"]
     assert 0 < e1 < e2
+
+
+# -- a protected aggregate needs privacy.min_clients contributors (issue 13, finding 2) ------
+
+PRIVATE = {"ckks": {"name": "ckks", "chunk_size": 4096},
+           "secagg": {"name": "secagg"},
+           "central_dp": {"name": "central_dp", "noise_multiplier": 0.0, "clip_norm": 10.0,
+                          "delta": 1e-3, "accountant": "rdp"}}
+
+
+@pytest.mark.parametrize("privacy", list(PRIVATE))
+def test_a_round_with_one_contributor_is_skipped_not_opened_nor_aborted(privacy):
+    """Two of three labs fail in round 1: the protected aggregate of the one left is neither
+    released (global model unchanged) nor an abort of the run; the round is logged, counted
+    (``skipped`` in its record, ``counts.skipped_rounds``) and round 2 aggregates again."""
+    s = toy_samples(n_db=3, n_subjects=3, per_subject=2, learnable=True)
+    clients = natural_clients(s, seed=0)
+    crash = [{"client": "db0", "round": 1}, {"client": "db1", "round": 1}]
+    cfg = _cfg(PRIVATE[privacy], faults={"crash": crash})
+    run = FederatedRun(cfg, s, clients)
+    record = run.round(1)
+    for a, b in zip(run.global_weights, run.initial_weights):
+        np.testing.assert_array_equal(a, b)
+    assert record["clients"] == ["db2"] and "min_clients" in str(record["skipped"])
+    record = run.round(2)
+    assert not record["skipped"]
+    assert any(not np.array_equal(a, b) for a, b in zip(run.global_weights,
+                                                        run.initial_weights))
+
+
+def test_skipped_rounds_are_counted_in_the_results():
+    s = toy_samples(n_db=3, n_subjects=3, per_subject=2, learnable=True)
+    crash = [{"client": "db0", "round": 2}]
+    cfg = _cfg(PRIVATE["secagg"], faults={"crash": crash})
+    results = run_federated(cfg, s, natural_clients(s, seed=0), show_progress=False)
+    assert results["counts"]["skipped_rounds"] == 1
+    assert [bool(r["skipped"]) for r in results["rounds"]] == [False, True]
+
+

@@ -1,11 +1,11 @@
-"""Server optimisers: hand-computed steps, checkpoint state, and Flower's strategies."""
+"""Server optimisers: hand-computed steps and checkpoint state (against Flower's strategies:
+test_against_flower.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mer.federated.aggregators import fedavg
 from mer.federated.server_opt import FedAdagrad, FedAdam, FedYogi, ServerSGD
 
 
@@ -54,12 +54,24 @@ def test_fedadam_hand_computed():
 
 
 def test_fedadam_bias_correction_options():
-    # delta = 1, step 1: m = 0.1, v = 0.01, m / sqrt(v) = 1
-    # "adam": eta * sqrt(1 - 0.99) / (1 - 0.9) = 0.1 * 0.1 / 0.1 = 0.1; "none": eta = 0.1 * 1
-    adam = FedAdam(eta=0.1, tau=0.0, bias_correction="adam").step(one(0.0), one(1.0))
-    none = FedAdam(eta=0.1, tau=0.0, bias_correction="none").step(one(0.0), one(1.0))
-    np.testing.assert_allclose(adam[0], [0.1])
-    np.testing.assert_allclose(none[0], [0.1])
+    # Adam's first step is eta * sign(delta) under Kingma's correction and under none: the
+    # options only part from step 2 (and "flower" from step 1). eta = 0.1, b1 = 0.9,
+    # b2 = 0.99, tau = 0. Step 1, delta = 1: m = 0.1, v = 0.01, m / sqrt(v) = 1.
+    # Step 2, delta = 0.5: m = 0.14, v = 0.0124, m / sqrt(v) = 1.2572371.
+    #   "flower": eta_t = eta * sqrt(1 - b2^(t+1)) / (1 - b1^(t+1)) = 0.0742460, 0.0635940
+    #             x1 = 0.0742460, x2 = x1 + 0.0635940 * 1.2572371 = 0.1541987
+    #   "adam":   eta_t = eta * sqrt(1 - b2^t) / (1 - b1^t) = 0.1, 0.0742460
+    #             x1 = 0.1,       x2 = 0.1 + 0.0742460 * 1.2572371 = 0.1933448
+    #   "none":   eta_t = eta = 0.1
+    #             x1 = 0.1,       x2 = 0.1 + 0.1 * 1.2572371 = 0.2257237
+    expected = {"flower": (0.0742460, 0.1541987), "adam": (0.1, 0.1933448),
+                "none": (0.1, 0.2257237)}
+    for option, (x1, x2) in expected.items():
+        opt = FedAdam(eta=0.1, beta_1=0.9, beta_2=0.99, tau=0.0, bias_correction=option)
+        x = opt.step(one(0.0), one(1.0))
+        np.testing.assert_allclose(x[0], [x1], atol=1e-7, err_msg=option)
+        x = opt.step(x, [x[0] + 0.5])
+        np.testing.assert_allclose(x[0], [x2], atol=1e-7, err_msg=option)
     with pytest.raises(ValueError, match="bias_correction"):
         FedAdam(bias_correction="kingma")
 
@@ -129,83 +141,52 @@ def test_state_dict_round_trip_through_npz(make, tmp_path):
         b.load_state_dict({**state, "bogus.0": np.zeros(1)})
 
 
-# ---------------------------------------------------------------------------------------------
-# against Flower's strategies (flwr/server/strategy/fedavgm.py, fedadam.py, fedyogi.py,
-# fedadagrad.py): run their aggregate_fit on constructed FitRes for several rounds
-# ---------------------------------------------------------------------------------------------
-
-flwr_common = pytest.importorskip("flwr.common")
-flwr_strategy = pytest.importorskip("flwr.server.strategy")
-
-SHAPES = ((3, 4), (4,), (2, 2, 2))
+# -- the server optimisers the rule configs compose (conf/federated/*.yaml) -----------------
 
 
-def _fit_results(client_results):
-    """Flower's (ClientProxy, FitRes) pairs; aggregate_fit never touches the proxy."""
-    ok = flwr_common.Status(code=flwr_common.Code.OK, message="")
-    return [
-        (None, flwr_common.FitRes(ok, flwr_common.ndarrays_to_parameters(w), n, {}))
-        for w, n in client_results
-    ]
+def _composed_server_opt(rule: str):
+    from hydra import compose, initialize_config_dir
+
+    from mer.run import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=[f"federated={rule}"]).federated.server_opt
 
 
-def _compare_with_flower(ours, make_flower, rounds=4, seed=0):
-    rng = np.random.default_rng(seed)
-    x0 = [rng.normal(size=s) for s in SHAPES]
-    flower = make_flower(flwr_common.ndarrays_to_parameters(x0))
-    x = x0
-    for server_round in range(1, rounds + 1):
-        clients = [
-            ([xi + 0.3 * rng.normal(size=xi.shape) for xi in x], int(rng.integers(1, 40)))
-            for _ in range(3)
-        ]
-        x = ours.step(x, fedavg(clients))
-        params, _ = flower.aggregate_fit(server_round, _fit_results(clients), [])
-        expected = flwr_common.parameters_to_ndarrays(params)
-        for u, v in zip(x, expected):
-            np.testing.assert_allclose(u, v, rtol=0, atol=1e-6)
-    return x
+@pytest.mark.parametrize("rule, cls, settings", [
+    ("fedadam", FedAdam, {"eta": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001}),
+    ("fedyogi", FedYogi, {"eta": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 0.001}),
+    ("fedadagrad", FedAdagrad, {"eta": 0.01, "tau": 0.001}),
+    ("fedavgm", ServerSGD, {"lr": 1.0, "momentum": 0.9}),
+    ("fedavg", ServerSGD, {"lr": 1.0, "momentum": 0.0}),
+    ("scaffold", ServerSGD, {"lr": 1.0, "momentum": 0.0}),
+    ("pfedprox", ServerSGD, {"lr": 1.0, "momentum": 0.0}),
+])
+def test_each_rule_config_builds_its_own_server_optimiser(rule, cls, settings):
+    """Composed as a user runs it: no rule inherits another optimiser's keys (fedadam used to
+    get pfedprox's lr/momentum and crash with TypeError at start)."""
+    from omegaconf import OmegaConf
+
+    from mer.federated.loop import make_server_optimizer
+
+    conf = _composed_server_opt(rule)
+    assert {k: v for k, v in OmegaConf.to_container(conf).items() if k != "name"} == settings
+    opt = make_server_optimizer(conf)
+    assert type(opt) is cls
+    assert {k: getattr(opt, k) for k in settings} == settings
 
 
-def test_fedavgm_matches_flower():
-    _compare_with_flower(
-        ServerSGD(lr=0.7, momentum=0.9),
-        lambda p: flwr_strategy.FedAvgM(
-            initial_parameters=p, server_learning_rate=0.7, server_momentum=0.9
-        ),
-    )
+def test_a_key_of_another_optimiser_is_refused_naming_it_and_the_allowed_keys():
+    from omegaconf import OmegaConf
 
+    from mer.federated.loop import make_server_optimizer
 
-def test_plain_sgd_matches_flower_fedavgm_defaults():
-    _compare_with_flower(ServerSGD(), lambda p: flwr_strategy.FedAvgM(initial_parameters=p))
-
-
-def test_fedadam_matches_flower():
-    _compare_with_flower(
-        FedAdam(eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-3),
-        lambda p: flwr_strategy.FedAdam(
-            initial_parameters=p, eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-3
-        ),
-    )
-    # defaults agree too
-    _compare_with_flower(FedAdam(), lambda p: flwr_strategy.FedAdam(initial_parameters=p), seed=1)
-
-
-def test_fedyogi_matches_flower():
-    _compare_with_flower(
-        FedYogi(eta=0.03, beta_1=0.85, beta_2=0.9, tau=1e-2),
-        lambda p: flwr_strategy.FedYogi(
-            initial_parameters=p, eta=0.03, beta_1=0.85, beta_2=0.9, tau=1e-2
-        ),
-    )
-    _compare_with_flower(FedYogi(), lambda p: flwr_strategy.FedYogi(initial_parameters=p), seed=1)
-
-
-def test_fedadagrad_matches_flower():
-    _compare_with_flower(
-        FedAdagrad(eta=0.2, tau=1e-4),
-        lambda p: flwr_strategy.FedAdagrad(initial_parameters=p, eta=0.2, tau=1e-4),
-    )
-    _compare_with_flower(
-        FedAdagrad(), lambda p: flwr_strategy.FedAdagrad(initial_parameters=p), seed=1
-    )
+    conf = OmegaConf.create({"name": "fedadam", "eta": 0.1, "lr": 1.0, "momentum": 0.0})
+    with pytest.raises(ValueError) as err:
+        make_server_optimizer(conf)
+    msg = str(err.value)
+    assert "federated.server_opt.lr" in msg and "federated.server_opt.momentum" in msg
+    assert all(k in msg for k in ("eta", "beta_1", "beta_2", "tau"))  # what it does take
+    assert "federated/server_opt=fedadam" in msg  # and how to fix it
+    with pytest.raises(ValueError, match=r"federated\.server_opt\.name=adam.*fedadam"):
+        make_server_optimizer(OmegaConf.create({"name": "adam"}))

@@ -94,14 +94,32 @@ def test_server_never_sees_an_individual_plaintext(scheme):
             agg.server_context.secret_key()
 
 
+def _byte_uniformity_p(words: np.ndarray) -> float:
+    """Smallest chi-square p-value, over the 8 byte positions of uint64 words, of the
+    hypothesis that the bytes at that position are uniform on 0..255."""
+    from scipy.stats import chisquare
+
+    as_bytes = words.astype("<u8").view(np.uint8).reshape(-1, 8)
+    return min(chisquare(np.bincount(as_bytes[:, k], minlength=256)).pvalue for k in range(8))
+
+
 def test_masked_vector_alone_looks_uniform():
-    ids, results = clients(k=3, seed=3)
+    """Each byte position of a lone masked vector passes a chi-square test of uniformity;
+    the same vector unmasked (fixed point of ``n * w``, high bytes all 0x00 or 0xff) fails it."""
+    from mer.privacy.base import weighted_vector
+
+    rng = np.random.default_rng(3)
+    ids = ["lab0", "lab1", "lab2"]
+    results = [([rng.standard_normal(8191).astype(np.float32)], int(rng.integers(5, 200)))
+               for _ in ids]  # 8192 words with the count: 32 per byte value and position
     agg = MaskedAggregation()
     payloads, _ = run_round(agg, ids, results)
-    v = np.frombuffer(payloads["lab0"], "<u8")
-    # uniform mod 2^64: mean of the top byte ~127.5, far from the plaintext's (0 or 255)
-    top = (v >> np.uint64(56)).astype(np.float64)
-    assert 90 < top.mean() < 165
+    plain = encode_fixed(weighted_vector(*results[0]), agg.params.frac_bits, 64)
+    assert _byte_uniformity_p(plain) < 1e-12  # the check can tell plaintext apart
+    for c in ids:  # Bonferroni over 3 clients x 8 positions: a false alarm < 1e-6 per run
+        masked = np.frombuffer(payloads[c], "<u8")
+        assert len(masked) == len(plain)
+        assert _byte_uniformity_p(masked) > 1e-6 / 24, c
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -125,11 +143,16 @@ def test_dropout_without_recovery_gives_garbage():
 
 
 def test_secagg_refusals():
+    from mer.privacy.base import TooFewContributors
+
     ids, results = clients(k=3, seed=6)
-    agg = MaskedAggregation(MaskParams(min_survivors=2))
+    agg = MaskedAggregation(MaskParams(min_clients=2))
     _, total = run_round(agg, ids, results, deliver=["lab0"])
-    with pytest.raises(ValueError, match="min_survivors"):
+    with pytest.raises(TooFewContributors, match="min_clients=2"):
         agg.finish(total, ["lab0"])
+    for bad in ({"min_clients": 1}, {"threshold": 1}, {"mask_bits": 65}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MaskParams(**bad)
     small = MaskedAggregation(MaskParams(mask_bits=32, frac_bits=24))
     small.begin_round(0, ids, results[0][0])
     with pytest.raises(OverflowError, match="frac_bits"):
@@ -209,39 +232,40 @@ def test_ckks_key_files_give_each_party_only_its_role(tmp_path, capsys):
     assert not np.allclose(wrong, right, atol=1e-3)
 
 
-def test_secagg_parties_on_separate_nodes_with_revealed_seeds():
-    """The Flower split of secagg: each lab holds only its own party (key kept as bytes
-    between messages), the server none; a lab lost after the key exchange is recovered with
-    the seeds the survivors reveal."""
-    from mer.privacy.secagg import MaskingParty
+def test_secagg_parties_kept_as_bytes_between_messages():
+    """The Flower split of secagg: each lab's party lives only as its own stored bytes
+    between two steps (``to_state`` / ``from_state``), the server holds none; a lab lost after
+    sharing its keys is recovered from the survivors' shares of its key."""
+    from mer.privacy.secagg import SecAggParty, SecAggServer
 
-    ids, results = clients(k=3, seed=8)
+    ids, results = clients(k=4, seed=8)
     template = results[0][0]
-    parties = {c: MaskingParty(c, 5) for c in ids}
-    public = {c: p.public_key() for c, p in parties.items()}
-    labs = {}
+    params = MaskParams(min_clients=3)
+    stored = {c: SecAggParty(c, 5, params).to_state() for c in ids}
+
+    def step(c, method, *args):
+        party = SecAggParty.from_state(stored[c], params)
+        out = getattr(party, method)(*args)
+        stored[c] = party.to_state()
+        return out
+
+    server = SecAggServer(5, ids, params)
+    roster = server.receive_keys({c: step(c, "advertise") for c in ids})
+    relayed = server.receive_shares({c: step(c, "share_keys", roster) for c in ids})
     for c in ids:
-        lab = MaskedAggregation()
-        restored = MaskingParty(c, 5, parties[c].private_bytes())  # from the node's store
-        lab.begin_client_round(5, ids, template, restored, public)
-        labs[c] = lab
-    lost = ids[0]  # publishes its key, then never sends
-    payloads = {c: labs[c].client_payload(c, w, n)
+        step(c, "receive_shares", relayed[c], server.u2)
+    lost = ids[0]  # shared its keys, then never sent its masked input
+    lab = MaskedAggregation(params)
+    lab.begin_round(5, ids, template)  # (only its encode() is used: the fixed-point checks)
+    payloads = {c: step(c, "mask", lab.encode(c, w, n, len(ids)))
                 for c, (w, n) in zip(ids, results) if c != lost}
-    server = MaskedAggregation()
-    server.begin_server_round(5, ids, template)
-    with pytest.raises(ValueError, match="no secrets of client"):
-        server.client_payload(ids[1], *results[1])
-    total = server.server_sum(payloads)
-    survivors = list(payloads)
-    revealed = {s: labs[s].reveal(s, [lost]) for s in survivors}
-    assert all(set(r) == {lost} for r in revealed.values())
-    flat, count = server.decode_sum(total, survivors, revealed=revealed)
-    expected = aggregators.fedavg(results[1:])
-    for a, b in zip(mean_from_sum(flat, count, server.layout, "test"), expected):
+    server.receive_masked(payloads)
+    survivors, dropped = server.unmask_request()
+    assert dropped == [lost]
+    flat, count = server.unmask({c: step(c, "unmask", survivors, dropped) for c in survivors})
+    for a, b in zip(mean_from_sum(flat, count, Layout.of(template), "test"),
+                    aggregators.fedavg(results[1:])):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="revealed no seed"):
-        server.decode_sum(total, survivors, revealed={survivors[0]: revealed[survivors[0]]})
-    with pytest.raises(ValueError, match="public keys missing"):
-        MaskedAggregation().begin_client_round(5, ids, template, parties[lost],
-                                               {lost: public[lost]})
+    with pytest.raises(PermissionError, match="already revealed"):  # asked again, flipped
+        step(survivors[0], "unmask", [c for c in survivors if c != survivors[1]] + [lost],
+             [survivors[1]])

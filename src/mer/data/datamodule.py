@@ -47,7 +47,9 @@ class SplitDataModule(L.LightningDataModule):
 
     Batches are ``(x, y)``, or ``(x, y, au, au_mask[, landmarks])`` with ``with_aus``: au (B, 12)
     multi-hot over the FED-PsyAU AUs, au_mask (B,) bool, False where the database has no AU
-    labels, landmarks (B, 68, 2) in x's pixel frame when the samples have them.
+    labels, landmarks (B, 68, 2) in x's pixel frame when the samples have them. Without
+    ``with_aus``, the samples' named inputs (``samples.inputs``: face crops, frame stacks...,
+    :mod:`mer.data.inputs`) follow ``(x, y)`` in their order: ``(x, y, apex_crop)``.
 
     Args:
         samples: all samples (x (N, C, H, W) float32).
@@ -69,6 +71,10 @@ class SplitDataModule(L.LightningDataModule):
             self.tensors += [torch.tensor(au), torch.tensor(mask)]
             if samples.landmarks is not None:
                 self.tensors.append(torch.tensor(samples.landmarks, dtype=torch.float32))
+        else:
+            self.tensors += [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+                             for a in samples.inputs.values()]
+        self.input_names = () if with_aus else tuple(samples.inputs)
         self.train_idx = np.asarray(train_idx)
         self.val_idx = np.asarray(val_idx if val_idx is not None else [], dtype=np.int64)
         self.test_idx = np.asarray(test_idx)

@@ -17,6 +17,8 @@ Schemes:
   emotion is excluded, not a class).
 - ``objective``: objective classes I-VII: the sheet's own (SAMM, CAS(ME)^3: ``objective``
   column), else from the AU combination.
+- ``objective5``: objective classes I-V only (VI and VII excluded, with the reason): the 5
+  classes of the MEGC2018 cross-database setting (CASME II and SAMM pooled).
 - a ``dict`` given in config: ``{emotion: class}`` (keys compared in lower case); emotions
   absent from it, or mapped to null, are excluded with that reason.
 """
@@ -58,6 +60,7 @@ CASME2_5CLASS = ["disgust", "happiness", "others", "repression", "surprise"]
 
 # Objective classes by AU combination (mer-facts §3), tested in order I..VI, else VII.
 OBJECTIVE_CLASSES = ["I", "II", "III", "IV", "V", "VI", "VII"]
+OBJECTIVE5_CLASSES = OBJECTIVE_CLASSES[:5]  # MEGC2018 cross-database: I..V
 _OBJECTIVE_COMBOS: dict[str, list[frozenset[int]]] = {
     "I": [frozenset(s) for s in ({6}, {12}, {6, 12}, {6, 7, 12}, {7, 12})],
     "II": [frozenset(s) for s in ({1, 2}, {5}, {25}, {1, 2, 25}, {25, 26}, {5, 24})],
@@ -151,12 +154,14 @@ def apply_label_scheme(
         classes = CASME2_5CLASS
     elif scheme == "objective":
         classes = OBJECTIVE_CLASSES
+    elif scheme == "objective5":
+        classes = OBJECTIVE5_CLASSES
     elif scheme == "emotion":  # the words as compared below; a blank emotion is no class
         classes = sorted({_emotion(e) for e in table["emotion"]} - {""})
     else:
         raise LabelError(
-            f"unknown label scheme '{scheme}': use composite, casme2_5class, emotion, objective "
-            "or a mapping {emotion: class}"
+            f"unknown label scheme '{scheme}': use composite, casme2_5class, emotion, objective, "
+            "objective5 or a mapping {emotion: class}"
         )
     for pos, r in enumerate(table.itertuples(index=False)):
         fam = families[r.database] if families is not None else family
@@ -174,12 +179,18 @@ def apply_label_scheme(
             elif scheme == "casme2_5class":
                 name = emotion if emotion in CASME2_5CLASS else None
                 reason = "" if name else f"'{emotion}' is not one of the CASME II 5 classes"
-            elif scheme == "objective":
+            elif scheme in ("objective", "objective5"):
                 own = getattr(r, "objective", "")
                 own = "" if pd.isna(own) else str(own).strip().upper()
                 if own and own not in OBJECTIVE_CLASSES:
                     raise LabelError(f"objective class '{own}' is not one of I..VII")
                 name = own or objective_class(tuple(r.aus))
+                if scheme == "objective5" and name not in OBJECTIVE5_CLASSES:
+                    source = "the sheet's objective class" if own else \
+                        f"the objective class of AUs {'+'.join(map(str, r.aus)) or 'none'}"
+                    reason = (f"{source} is {name}; objective5 keeps I..V (the MEGC2018 "
+                              "cross-database classes)")
+                    name = None
             else:
                 name = emotion or None
                 reason = "" if name else f"no emotion in the sheet (row {r.row})"

@@ -39,6 +39,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -74,6 +75,13 @@ class FlowSamples:
         provenance: where the samples come from (paths, config fingerprints), for results.json.
         landmarks: optional (N, 68, 2) float32 iBUG-68 landmarks (x, y) in the pixel frame of
             ``x`` (known for SynME; from the face detector with ``mer.prepare``).
+        inputs: named model inputs next to ``x`` (``apex_crop`` (N, 1, S, S), ``frames``
+            (N, 1, T, S, S)...; :mod:`mer.data.inputs`), filled on demand for the network that
+            declares them; the datamodule puts them in each batch after ``(x, y)``.
+        input_source: where the samples' frames are (:class:`mer.data.inputs.InputSource`);
+            None for a flow cache, which has none.
+        pretrain: samples of a pretraining stage (e.g. macro-expressions for macro-to-micro
+            transfer), attached by the runner; None without one.
     """
 
     x: np.ndarray
@@ -83,10 +91,17 @@ class FlowSamples:
     synthetic: bool = False
     provenance: dict = field(default_factory=dict)
     landmarks: np.ndarray | None = None
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    input_source: Any = None
+    pretrain: FlowSamples | None = None
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.meta):
             raise ValueError(f"FlowSamples: {len(self.x)} flow images but {len(self.meta)} rows")
+        for name, arr in self.inputs.items():
+            if len(arr) != len(self.x):
+                raise ValueError(f"FlowSamples: input '{name}' has {len(arr)} rows for "
+                                 f"{len(self.x)} samples")
         if self.landmarks is not None and self.landmarks.shape != (len(self.x), 68, 2):
             raise ValueError(f"FlowSamples: landmarks {self.landmarks.shape}, expected "
                              f"({len(self.x)}, 68, 2)")
@@ -153,4 +168,7 @@ class FlowSamples:
             self.x[index], self.meta.iloc[index].reset_index(drop=True), self.class_names,
             self.excluded, self.synthetic, self.provenance,
             None if self.landmarks is None else self.landmarks[index],
+            {k: v[index] for k, v in self.inputs.items()},
+            None if self.input_source is None else self.input_source.subset(index),
+            self.pretrain,
         )

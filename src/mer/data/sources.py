@@ -8,11 +8,20 @@
   (``data.root``, optional ``data.sheet``, reader ``data.options``);
 - ``composite``: several databases pooled (``data.roots: {name: path}``, optional
   ``data.sheets``), e.g. the MEGC2019 composite of CASME II, SAMM and SMIC-HS;
-- ``flowcache``: a folder in the flow-cache exchange format (``data.root``, ``data.csv``).
+- ``flowcache``: a folder in the flow-cache exchange format (``data.root``, ``data.csv``);
+- ``synme_lv``: SynME-LV, the synthetic long videos (``preset``, ``seed``, ``databases``),
+  written in the CAS(ME)^2 and SAMM-LV layouts and read by their readers.
+
+Long videos (spotting) go through :func:`load_intervals`: the readers' interval tables and the
+video list of ``synme_lv``, ``casme_sq`` / ``samm_lv`` (``data.root``) or a ``composite`` of
+them (``data.roots``); features: :mod:`mer.data.preprocess.longvideo`.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +34,7 @@ from mer.data.labels import apply_label_scheme
 from mer.data.samples import FlowSamples
 
 NO_AU_FAMILIES = {"smic"}
+log = logging.getLogger(__name__)
 
 
 class DataConfigError(ValueError):
@@ -39,16 +49,60 @@ def synme_config(data_cfg: DictConfig):
     """The SynMEConfig a data config asks for (``preset`` default/tiny, ``seed``)."""
     from mer.data import synthetic
 
-    presets = {"default": synthetic.default_synme_config, "tiny": synthetic.tiny_synme_config}
+    presets = synthetic.PRESETS  # default, tiny, dfme, casme3, ... (synthetic.py)
     if data_cfg.preset not in presets:
         raise DataConfigError(f"data.preset '{data_cfg.preset}': use one of {sorted(presets)}")
-    return presets[data_cfg.preset](seed=int(data_cfg.seed))
+    cfg = presets[data_cfg.preset](seed=int(data_cfg.seed))
+    cfg.macro = bool(data_cfg.get("macro", False))  # data=synme_macro: its macro-expressions
+    return cfg
+
+
+def synme_lv_config(data_cfg: DictConfig):
+    """The SynMELVConfig a data config asks for (``preset``, ``seed``, ``databases``)."""
+    from mer.data.synthetic_lv import PRESETS, SynMELVConfig
+
+    preset = data_cfg.get("preset", "default")
+    if preset not in PRESETS:
+        raise DataConfigError(f"data.preset '{preset}': use one of {sorted(PRESETS)}")
+    cfg = SynMELVConfig.preset(preset, seed=int(data_cfg.get("seed", 0)))
+    names = _container(data_cfg.get("databases")) or [d.name for d in cfg.databases]
+    try:
+        return cfg.select(list(names))
+    except ValueError as e:
+        raise DataConfigError(f"data.databases={list(names)}: {e}") from e
+
+
+def _synme_lv_sources(data_cfg: DictConfig, cache_dir: Path) -> tuple[list[dict], dict]:
+    """(reader calls, provenance) of SynME-LV, generated on first use."""
+    from mer.data.synthetic_lv import SAMM_MICRO_SHEET, ensure_synme_lv
+
+    syn = synme_lv_config(data_cfg)
+    root = ensure_synme_lv(syn, Path(cache_dir) / "synme_lv", workers=_workers(data_cfg))
+    calls = [{"database": spec.name, "reader": spec.layout, "root": root / spec.name,
+              "sheet": None, "fps": float(spec.fps), "synthetic_meta": str(root / spec.name),
+              "options": {"micro_sheet": root / spec.name / SAMM_MICRO_SHEET}
+              if spec.layout == "samm_lv" else {}} for spec in syn.databases]
+    return calls, {"source": "synme_lv", "root": str(root), "fingerprint": syn.fingerprint(),
+                   "synthetic": True}
 
 
 def read_tables(data_cfg: DictConfig, cache_dir: Path) -> tuple[pd.DataFrame, list[dict], dict,
                                                                   dict]:
     """Sample table of a frame-based source, skipped samples, families and provenance."""
     on_error = data_cfg.get("on_error", "raise")
+    if data_cfg.kind == "synme_lv":  # its micro-expressions as clips (spot-then-recognise)
+        calls, provenance = _synme_lv_sources(data_cfg, cache_dir)
+        tables, skipped = [], []
+        for c in calls:
+            t, s = read_database(c["reader"], c["root"], on_error=on_error,
+                                 database=c["database"], **c["options"])
+            t["fps"] = c["fps"]
+            tables.append(t)
+            skipped += s
+        families = {c["database"]: (data_cfg.get("families") or {}).get(c["database"],
+                                                                         c["reader"])
+                    for c in calls}
+        return pd.concat(tables, ignore_index=True), skipped, families, provenance
     if data_cfg.kind == "synme":
         from mer.data.synthetic import ensure_synme
 
@@ -104,13 +158,22 @@ def load_samples(data_cfg: DictConfig, cache_dir: str | Path,
         from mer.data.databases.flowcache import read_flowcache
 
         return read_flowcache(_root(data_cfg), csv=data_cfg.get("csv"),
-                              class_names=tuple(data_cfg.class_names))
+                              class_names=tuple(data_cfg.class_names),
+                              sheets=_container(data_cfg.get("sheets")),  # AUs (issue 15)
+                              on_unmatched=data_cfg.get("on_unmatched", "raise"))
     from mer.data.preprocess.cache import FlowCache
     from mer.data.preprocess.pipeline import FlowParams, flow_images
     from mer.data.preprocess.prepared import prepared_images, use_prepared
 
-    table, excluded, families, provenance = read_tables(data_cfg, Path(cache_dir))
     full = use_prepared(data_cfg, cache_dir) if prepared is None else prepared
+    if not full and (_container(data_cfg.get("magnify")) or {}).get("enabled"):
+        raise DataConfigError(
+            "data.magnify.enabled=true: Eulerian magnification is a step of the full pipeline, "
+            "which this run does not use (mer.prepare has not prepared this data config). Run "
+            "`python -m mer.prepare` with the same data overrides first (mer.run then uses "
+            "it), or set data.prepared=true. (Models that magnify their own input, "
+            "model=dense_attention or mpfnet_p/_c, need no data.magnify.enabled.)")
+    table, excluded, families, provenance = read_tables(data_cfg, Path(cache_dir))
     no_apex = (table["apex"] < 0) & (not full)  # the full pipeline estimates the apex
     for r in table[no_apex].itertuples():
         excluded.append({"database": r.database, "subject": r.subject, "clip": r.clip,
@@ -133,8 +196,10 @@ def load_samples(data_cfg: DictConfig, cache_dir: str | Path,
                  "apex"]].copy()
     # the apex used: the sheet's, or estimated by the full pipeline where the sheet had none
     meta["apex_estimated"] = (meta["apex"] < 0).to_numpy() if full else False
+    matrices = None
     if full:
         meta["apex"] = provenance["prepare"].pop("apex")
+        matrices = provenance["prepare"].pop("matrix", None)
     # Databases of a family without AU annotation (SMIC) train no AU head: the mask says so.
     meta["has_aus"] = [families[db] not in NO_AU_FAMILIES for db in meta["database"]]
     provenance["flow"] = params.key()
@@ -144,8 +209,141 @@ def load_samples(data_cfg: DictConfig, cache_dir: str | Path,
             # fractions of the frame -> pixel centres of the out_size x out_size flow image
             kept_lm = np.stack(list(table["landmarks"].iloc[np.asarray(kept, dtype=np.int64)]))
             landmarks = (kept_lm * params.out_size - 0.5).astype(np.float32)
+    source = _input_source(data_cfg, table.iloc[np.asarray(kept, dtype=np.int64)], meta,
+                           matrices, cache_dir, full)
     return FlowSamples(x, meta, class_names, excluded, provenance["synthetic"], provenance,
-                       landmarks)
+                       landmarks, input_source=source)
+
+
+def _input_source(data_cfg: DictConfig, rows: pd.DataFrame, meta: pd.DataFrame,
+                  matrices: np.ndarray | None, cache_dir: str | Path, full: bool):
+    """Where the kept samples' frames are, for the named model inputs (``mer.data.inputs``)."""
+    from mer.data.inputs import InputSource
+
+    keep = ["database", "subject", "clip", "onset", "apex", "offset", "onset_path", "fps", "row"]
+    records = rows[[c for c in keep if c in rows]].to_dict("records")
+    for r, apex in zip(records, meta["apex"].to_numpy()):
+        r["apex"] = int(apex)  # the apex the flow used (estimated by mer.prepare if need be)
+    flow = _container(data_cfg.get("flow")) or {}
+    magnify = _container(data_cfg.get("magnify")) or {}
+    return InputSource(
+        records, origin=str(data_cfg.get("name", data_cfg.kind)), matrices=matrices,
+        crop_size=int(flow.get("work_size", 128)), flow=flow, magnify=magnify,
+        x_magnified=bool(full and magnify.get("enabled")), cache_dir=str(cache_dir))
+
+
+@dataclass
+class LongVideoTables:
+    """What :func:`load_intervals` returns.
+
+    Attributes:
+        intervals: ``mer.data.samples.INTERVAL_COLUMNS`` + ``video_id`` (``<database>/<video>``):
+            one ground-truth interval per row (``type`` micro/macro, onset <= apex <= offset,
+            frame numbers of the files), every database concatenated, sorted as read.
+        videos: one row per video folder (with or without intervals): ``database, subject,
+            video, video_id, frame_dir, fps, first_frame, last_frame, n_frames, gaps`` (missing
+            frame runs) and ``synthetic_meta`` (SynME-LV: its database folder, else "").
+        excluded: intervals left out (``on_error=skip``), ``{database, subject, clip, reason}``.
+        synthetic: True for SynME-LV; provenance: source, roots, fingerprint.
+    """
+
+    intervals: pd.DataFrame
+    videos: pd.DataFrame
+    excluded: list[dict] = field(default_factory=list)
+    synthetic: bool = False
+    provenance: dict = field(default_factory=dict)
+
+
+VIDEO_COLUMNS = ["database", "subject", "video", "video_id", "frame_dir", "fps", "first_frame",
+                 "last_frame", "n_frames", "gaps", "synthetic_meta"]
+
+
+def load_intervals(data_cfg: DictConfig, cache_dir: str | Path) -> LongVideoTables:
+    """Ground-truth intervals and videos of a long-video data config (``synme_lv``;
+    ``casme_sq`` / ``samm_lv`` with ``data.root``; ``composite`` with ``data.roots`` of them).
+
+    The readers check each row (``collect_intervals``); then the checks they cannot make
+    (overlapping intervals of a video, intervals over missing frames:
+    :func:`mer.data.preprocess.longvideo.check_intervals`). ``data.on_error``: ``raise`` stops
+    at the first bad interval naming the sheet row or video; ``skip`` lists it in ``excluded``.
+    """
+    from mer.data.databases.casme_sq import FPS as CASME_SQ_FPS
+    from mer.data.databases.casme_sq import list_casme_sq_videos
+    from mer.data.databases.registry import LONG_VIDEO, read_intervals
+    from mer.data.databases.samm_lv import FPS as SAMM_LV_FPS
+    from mer.data.databases.samm_lv import list_samm_lv_videos
+    from mer.data.preprocess.longvideo import LongVideoError, check_intervals, list_frames
+
+    listers = {"casme_sq": (list_casme_sq_videos, CASME_SQ_FPS),
+               "samm_lv": (list_samm_lv_videos, SAMM_LV_FPS)}
+    on_error = data_cfg.get("on_error", "raise")
+    kind = data_cfg.get("kind")
+    if kind == "synme_lv":
+        calls, provenance = _synme_lv_sources(data_cfg, Path(cache_dir))
+    elif kind in LONG_VIDEO:
+        calls = [{"database": kind, "reader": kind, "root": _root(data_cfg),
+                  "sheet": data_cfg.get("sheet"), "fps": listers[kind][1], "synthetic_meta": "",
+                  "options": _container(data_cfg.get("options")) or {}}]
+        provenance = {"source": kind, "root": str(calls[0]["root"]), "synthetic": False}
+    elif kind == "composite":
+        calls, sheets = [], _container(data_cfg.get("sheets")) or {}
+        for name, root in (_container(data_cfg.get("roots")) or {}).items():
+            if name not in LONG_VIDEO:
+                raise DataConfigError(f"data.roots.{name}: no long videos; spotting reads "
+                                      f"{sorted(LONG_VIDEO)}")
+            path = Path(str(root)).expanduser() if root else None
+            if path is None or not path.exists():
+                raise DataConfigError(f"data.roots.{name}=/path/to/{name} is needed (got {root})")
+            calls.append({"database": name, "reader": name, "root": path,
+                          "sheet": sheets.get(name), "fps": listers[name][1],
+                          "synthetic_meta": "", "options": {}})
+        if not calls:
+            raise DataConfigError("data=composite for spotting needs data.roots with casme_sq "
+                                  "and/or samm_lv")
+        provenance = {"source": "composite", "roots": {c["database"]: str(c["root"])
+                                                       for c in calls}, "synthetic": False}
+    else:
+        raise DataConfigError(f"data.kind '{kind}' has no long videos; use synme_lv, casme_sq, "
+                              "samm_lv or composite (data.roots)")
+    tables, videos, excluded = [], [], []
+    for c in calls:
+        accepted = inspect.signature(LONG_VIDEO[c["reader"]]).parameters
+        unused = sorted(set(c["options"]) - set(accepted))  # clip-reading options (types...)
+        if unused:
+            log.info("data.options %s are not used for the intervals of %s", unused,
+                     c["database"])
+        options = {k: v for k, v in c["options"].items() if k in accepted}
+        t, s = read_intervals(c["reader"], c["root"], c["sheet"], on_error=on_error,
+                              database=c["database"], **options)
+        t["fps"] = c["fps"]
+        tables.append(t)
+        excluded += s
+        listed = {(v["subject"], v["video"]): v["frame_dir"]
+                  for v in listers[c["reader"]][0](c["root"])}
+        for r in t.itertuples():  # every interval's folder exists (the reader checked)
+            listed.setdefault((r.subject, r.video), Path(r.frame_dir))
+        annotated = set(zip(t["subject"], t["video"], strict=True))
+        for (subject, video), frame_dir in sorted(listed.items()):
+            try:
+                frames = list_frames(frame_dir)
+            except LongVideoError as e:  # a folder without frames and without intervals
+                if on_error == "raise" or (subject, video) in annotated:
+                    raise LongVideoError(f"{e} (or set data.on_error=skip to leave the video "
+                                         "out; it is then listed in the report)") from e
+                excluded.append({"database": c["database"], "subject": subject, "clip": video,
+                                 "reason": f"video left out: {e}"})
+                continue
+            videos.append({"database": c["database"], "subject": subject, "video": video,
+                           "video_id": f"{c['database']}/{video}", "frame_dir": str(frame_dir),
+                           "fps": c["fps"], "first_frame": frames.numbers[0],
+                           "last_frame": frames.numbers[-1], "n_frames": len(frames.numbers),
+                           "gaps": frames.gaps, "synthetic_meta": c["synthetic_meta"]})
+    intervals = pd.concat(tables, ignore_index=True)
+    intervals["video_id"] = intervals["database"] + "/" + intervals["video"]
+    video_table = pd.DataFrame(videos, columns=VIDEO_COLUMNS)
+    intervals, dropped = check_intervals(intervals, video_table, on_error)
+    return LongVideoTables(intervals, video_table, excluded + dropped,
+                           bool(provenance["synthetic"]), provenance)
 
 
 def _synme_landmarks(db_dir: Path, table: pd.DataFrame, width: int, height: int) -> list:

@@ -56,6 +56,8 @@ AU_LIST: tuple[int, ...] = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 17, 20, 23, 24,
 
 BLINK_AU = 45
 MAX_DISPLACEMENT_PX = 2.5
+MACRO_MAX_DISPLACEMENT_PX = 8.0
+"""Cap of a macro-expression's apex displacement (``SynMEConfig.macro``), px."""
 FRAME_ROOT = "CASME2_RAW_selected"
 SHEET_NAME = "CASME2-coding.xlsx"
 META_NAME = "synme_meta.json"
@@ -259,13 +261,23 @@ class SynDatabaseSpec:
 
 @dataclass
 class SynMEConfig:
-    """A SynME collection: the seed and its databases (each a :class:`SynDatabaseSpec`)."""
+    """A SynME collection: the seed and its databases (each a :class:`SynDatabaseSpec`).
+
+    ``macro=True`` makes the *macro-expression* set of the same collection: the same subjects
+    (identities, faces, landmarks: drawn from the same seeds) showing larger (3-6x the
+    database's micro intensity, capped at :data:`MACRO_MAX_DISPLACEMENT_PX`) and longer
+    (0.5-1.0 s) expressions, about half as many clips per subject, named ``MA..`` (for
+    macro-to-micro transfer). ``macro`` is left out of :meth:`to_dict` while False, so the
+    fingerprint, hence every cached SynME, of the micro set is what it was before the option.
+    """
 
     seed: int
     databases: list[SynDatabaseSpec] = field(default_factory=list)
+    macro: bool = False
 
     def __post_init__(self) -> None:
         self.seed = int(self.seed)
+        self.macro = bool(self.macro)
         self.databases = [
             d if isinstance(d, SynDatabaseSpec) else SynDatabaseSpec(**d) for d in self.databases
         ]
@@ -278,6 +290,8 @@ class SynMEConfig:
         d = asdict(self)
         for db in d["databases"]:
             db["clips_per_subject"] = list(db["clips_per_subject"])
+        if not self.macro:  # absent while False: the micro set's fingerprint is unchanged
+            del d["macro"]
         return d
 
     @classmethod
@@ -295,7 +309,7 @@ class SynMEConfig:
                 raise ValueError(f"SynME database {db.get('name')!r}: unknown keys {unknown}; "
                                  f"known: {sorted(fields)}")
             databases.append(SynDatabaseSpec(**db))
-        return cls(seed=d["seed"], databases=databases)
+        return cls(seed=d["seed"], databases=databases, macro=bool(d.get("macro", False)))
 
     def fingerprint(self) -> str:
         """sha256 hex digest of the canonical JSON of the config and :data:`VERSION`."""
@@ -346,6 +360,71 @@ def tiny_synme_config(seed: int = 0) -> SynMEConfig:
                         clips_per_subject=(3, 3), emotion_weights=weights, noise_sigma=2.0,
                         intensity=0.8, blink_prob=0.3),
     ])
+
+
+# Stand-ins for the databases of FED-PsyAU's own federated settings and of the cross-database
+# setting. Class balances are rough readings of the releases, not their counts.
+DFME_EMOTIONS = {"disgust": 0.26, "surprise": 0.20, "happiness": 0.15, "fear": 0.12,
+                 "anger": 0.10, "sadness": 0.10, "contempt": 0.07}
+CASME3_EMOTIONS = {"disgust": 0.33, "others": 0.18, "surprise": 0.16, "fear": 0.11,
+                   "anger": 0.07, "happiness": 0.075, "sadness": 0.075}
+
+
+def _dfme_like(seed: int, n_subjects: int, clips: tuple[int, int], size: tuple[int, int]
+               ) -> SynMEConfig:
+    return SynMEConfig(seed=seed, databases=[
+        SynDatabaseSpec(name=f"synDFME{fps}", fps=fps, height=size[0], width=size[1],
+                        color=True, n_subjects=n_subjects, clips_per_subject=clips,
+                        emotion_weights=DFME_EMOTIONS, noise_sigma=1.0 + 0.5 * i,
+                        intensity=1.0 - 0.1 * i, blink_prob=0.2)
+        for i, fps in enumerate((200, 300, 500))])
+
+
+def dfme_synme_config(seed: int = 0) -> SynMEConfig:
+    """Shaped like DFME: its 7 emotions (anger, contempt, disgust, fear, happiness, sadness,
+    surprise) and its 3 frame rates, one synthetic database per rate (``synDFME200``,
+    ``synDFME300``, ``synDFME500``; 6 subjects x 4-6 clips each): a SynME database has one
+    frame rate, as a DFME subject was recorded at one."""
+    return _dfme_like(seed, 6, (4, 6), (112, 100))
+
+
+def dfme_tiny_synme_config(seed: int = 0) -> SynMEConfig:
+    """:func:`dfme_synme_config` at test size: 3 rates x 4 subjects x 2 clips, 64x64 px."""
+    return _dfme_like(seed, 4, (2, 2), (64, 64))
+
+
+def casme3_synme_config(seed: int = 0) -> SynMEConfig:
+    """Shaped like CAS(ME)^3 Part A: one 30 fps colour database (``synCASME3``, 12 subjects x
+    4-8 clips) with its emotions (others, happiness/sadness written as SynME's words)."""
+    return SynMEConfig(seed=seed, databases=[SynDatabaseSpec(
+        name="synCASME3", fps=30, height=120, width=110, color=True, n_subjects=12,
+        clips_per_subject=(4, 8), emotion_weights=CASME3_EMOTIONS, noise_sigma=1.5,
+        intensity=1.2, blink_prob=0.2)])
+
+
+def casme3_tiny_synme_config(seed: int = 0) -> SynMEConfig:
+    """:func:`casme3_synme_config` at test size: 6 subjects x 3 clips, 64x64 px."""
+    return SynMEConfig(seed=seed, databases=[SynDatabaseSpec(
+        name="synCASME3", fps=30, height=64, width=64, color=True, n_subjects=6,
+        clips_per_subject=(3, 3), emotion_weights=CASME3_EMOTIONS, noise_sigma=1.5,
+        intensity=1.2, blink_prob=0.2)])
+
+
+def casme2_samm_synme_config(seed: int = 0) -> SynMEConfig:
+    """The CASME II- and SAMM-like databases of :func:`default_synme_config` (``synA``,
+    ``synB``: the same clips, seeded by position) without the SMIC-like one, which in reality
+    has no AUs: the composite of the 5 objective classes (MEGC2018 cross-database)."""
+    cfg = default_synme_config(seed)
+    return SynMEConfig(seed=seed, databases=cfg.databases[:2])
+
+
+PRESETS = {
+    "default": default_synme_config, "tiny": tiny_synme_config,
+    "dfme": dfme_synme_config, "dfme_tiny": dfme_tiny_synme_config,
+    "casme3": casme3_synme_config, "casme3_tiny": casme3_tiny_synme_config,
+    "casme2_samm": casme2_samm_synme_config,
+}
+"""SynME presets by name (``data.preset``)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -763,7 +842,7 @@ def _single_au_field(landmarks: np.ndarray, au: int, side: str, xx: np.ndarray,
 
 
 def au_displacement(landmarks: np.ndarray, au_intensity: dict[int | str, float], height: int,
-                    width: int) -> np.ndarray:
+                    width: int, max_px: float | None = None) -> np.ndarray:
     """Apex displacement field of a set of AUs: (H, W, 2) float32 (dx, dy) in pixels.
 
     Args:
@@ -773,7 +852,8 @@ def au_displacement(landmarks: np.ndarray, au_intensity: dict[int | str, float],
         height, width: frame size.
 
     Each AU's field has its maximum magnitude equal to its intensity; the sum is scaled down
-    if its maximum exceeds :data:`MAX_DISPLACEMENT_PX`. It is the forward displacement of the
+    if its maximum exceeds ``max_px`` (default :data:`MAX_DISPLACEMENT_PX`; macro-expressions:
+    :data:`MACRO_MAX_DISPLACEMENT_PX`). It is the forward displacement of the
     face content from onset to apex (= the onset->apex optical flow).
     """
     landmarks = np.asarray(landmarks, np.float64)
@@ -786,9 +866,10 @@ def au_displacement(landmarks: np.ndarray, au_intensity: dict[int | str, float],
         if au not in _AU_COMPONENTS:
             raise ValueError(f"au_displacement: AU {key!r} cannot be animated; known: {AU_LIST}")
         total += float(value) * _single_au_field(landmarks, au, side, xx, yy)
+    cap = MAX_DISPLACEMENT_PX if max_px is None else float(max_px)
     peak = np.sqrt((total**2).sum(-1)).max() if au_intensity else 0.0
-    if peak > MAX_DISPLACEMENT_PX:
-        total *= MAX_DISPLACEMENT_PX / peak
+    if peak > cap:
+        total *= cap / peak
     return total.astype(np.float32)
 
 
@@ -805,8 +886,10 @@ def _profile(k: np.ndarray | int, onset: int, apex: int, offset: int) -> np.ndar
     return np.where(k <= apex, rise, fall)
 
 
-def _plan_clip(spec: SynDatabaseSpec, rng: np.random.Generator) -> dict[str, Any]:
-    """Everything random about a clip except its per-frame noise."""
+def _plan_clip(spec: SynDatabaseSpec, rng: np.random.Generator,
+               macro: bool = False) -> dict[str, Any]:
+    """Everything random about a clip except its per-frame noise (``macro``: a larger, longer
+    macro-expression; the micro draws are unchanged)."""
     names = list(spec.emotion_weights)
     p = np.array([spec.emotion_weights[n] for n in names])
     emotion = names[int(rng.choice(len(names), p=p / p.sum()))]
@@ -815,12 +898,20 @@ def _plan_clip(spec: SynDatabaseSpec, rng: np.random.Generator) -> dict[str, Any
         alt = [n for n in names if n != emotion and n not in _OTHERS] or [
             n for n in _AU_MODEL if n != emotion]
         au_emotion = alt[int(rng.integers(len(alt)))]
-    peak = float(np.clip(spec.intensity * rng.uniform(0.5, 2.0), 0.35, 2.4))
+    if macro:
+        peak = float(np.clip(spec.intensity * rng.uniform(3.0, 6.0), 2.0,
+                             MACRO_MAX_DISPLACEMENT_PX - 0.5))
+    else:
+        peak = float(np.clip(spec.intensity * rng.uniform(0.5, 2.0), 0.35, 2.4))
     aus = _draw_aus(au_emotion, rng, peak)
 
     fps = spec.fps
-    dur = _u(rng, 0.2, 0.45)
-    rise = min(_u(rng, 0.07, 0.2), dur - 0.06)
+    if macro:
+        dur = _u(rng, 0.5, 1.0)
+        rise = _u(rng, 0.15, 0.35)
+    else:
+        dur = _u(rng, 0.2, 0.45)
+        rise = min(_u(rng, 0.07, 0.2), dur - 0.06)
     rise_k = max(2, round(rise * fps))
     dur_k = max(rise_k + 2, round(dur * fps))
     pre, post = int(rng.integers(2, 6)), int(rng.integers(2, 6))
@@ -846,8 +937,8 @@ def _plan_clip(spec: SynDatabaseSpec, rng: np.random.Generator) -> dict[str, Any
         blink = {"start": int(centre - dur_b // 2), "length": int(dur_b),
                  "closure": _u(rng, 0.6, 1.0)}
     return {"emotion": emotion, "au_emotion": au_emotion, "peak_px": peak, "aus": aus,
-            "n_frames": n_frames, "start": start, "onset_k": onset_k, "apex_k": apex_k,
-            "offset_k": offset_k, "head": head, "light": light, "blink": blink}
+            "macro": macro, "n_frames": n_frames, "start": start, "onset_k": onset_k,
+            "apex_k": apex_k, "offset_k": offset_k, "head": head, "light": light, "blink": blink}
 
 
 def _blink_closure(blink: dict[str, Any] | None, k: int) -> float:
@@ -890,7 +981,8 @@ def _clip_frames(plan: dict[str, Any], neutral: np.ndarray, closed: np.ndarray,
     """Yield the clip's frames as uint8 (H, W, 3) BGR or (H, W) grey."""
     h, w = spec.height, spec.width
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    disp = au_displacement(landmarks, plan["aus"], h, w)
+    disp = au_displacement(landmarks, plan["aus"], h, w,
+                           max_px=MACRO_MAX_DISPLACEMENT_PX if plan["macro"] else None)
     centre = np.array([ident["cx"], ident["cy"]])
     t_total = (plan["n_frames"] - 1) / spec.fps
     light = plan["light"]
@@ -914,11 +1006,11 @@ def _clip_frames(plan: dict[str, Any], neutral: np.ndarray, closed: np.ndarray,
         yield np.clip(np.rint(frame), 0, 255).astype(np.uint8)
 
 
-def _clip_names(rng: np.random.Generator, n: int) -> list[str]:
-    """n distinct CASME II-like clip names (``EP02_01f``), sorted."""
+def _clip_names(rng: np.random.Generator, n: int, prefix: str = "EP") -> list[str]:
+    """n distinct CASME II-like clip names (``EP02_01f``; ``MA02_01`` for macro), sorted."""
     names: set[str] = set()
     while len(names) < n:
-        name = f"EP{int(rng.integers(1, 20)):02d}_{int(rng.integers(1, 13)):02d}"
+        name = f"{prefix}{int(rng.integers(1, 20)):02d}_{int(rng.integers(1, 13)):02d}"
         names.add(name + ("f" if rng.random() < 0.25 else ""))
     return sorted(names)
 
@@ -938,14 +1030,20 @@ def _generate_subject(task: tuple[dict[str, Any], int, int, str]) -> dict[str, A
         neutral = cv2.cvtColor(neutral, cv2.COLOR_BGR2GRAY)
         closed = cv2.cvtColor(closed, cv2.COLOR_BGR2GRAY)
 
-    srng = np.random.default_rng([seed, db_index, subject_index, 2])
     lo, hi = spec.clips_per_subject
-    names = _clip_names(srng, int(srng.integers(lo, hi + 1)))
+    if cfg.macro:  # same identity as above; own streams for the clips (3: macro)
+        srng = np.random.default_rng([seed, db_index, subject_index, 3, 0])
+        names = _clip_names(srng, int(srng.integers(max(1, lo // 2), max(1, hi // 2) + 1)),
+                            prefix="MA")
+    else:
+        srng = np.random.default_rng([seed, db_index, subject_index, 2])
+        names = _clip_names(srng, int(srng.integers(lo, hi + 1)))
     subject = f"sub{subject_index + 1:02d}"
     clips = {}
     for c, name in enumerate(names):
-        crng = np.random.default_rng([seed, db_index, subject_index, 1, c])
-        plan = _plan_clip(spec, crng)
+        crng = np.random.default_rng([seed, db_index, subject_index, 3, 1, c] if cfg.macro
+                                     else [seed, db_index, subject_index, 1, c])
+        plan = _plan_clip(spec, crng, macro=cfg.macro)
         folder = Path(db_dir) / FRAME_ROOT / subject / name
         folder.mkdir(parents=True, exist_ok=True)
         for k, frame in enumerate(_clip_frames(plan, neutral, closed, landmarks, ident, spec,
@@ -963,7 +1061,8 @@ def _generate_subject(task: tuple[dict[str, Any], int, int, str]) -> dict[str, A
             "offset": start + plan["offset_k"],
             "emotion": plan["emotion"], "au_emotion": plan["au_emotion"],
             "action_units": au_string(plan["aus"]), "au_intensity": plan["aus"],
-            "peak_px": plan["peak_px"], "blink": blink, "blink_frames": blink_frames,
+            "peak_px": plan["peak_px"], **({"macro": True} if cfg.macro else {}),
+            "blink": blink, "blink_frames": blink_frames,
             "head_motion": plan["head"], "illumination": plan["light"],
             "noise_sigma": spec.noise_sigma,
         }
@@ -1130,4 +1229,5 @@ def apex_displacement(db_dir: str | Path, subject: str | int, clip: str,
         raise KeyError(f"{db_dir}: no SynME clip {key}/{clip}") from err
     spec = meta["spec"]
     return au_displacement(np.array(sub["landmarks"]), info["au_intensity"], spec["height"],
-                           spec["width"])
+                           spec["width"],
+                           max_px=MACRO_MAX_DISPLACEMENT_PX if info.get("macro") else None)

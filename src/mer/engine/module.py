@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import lightning as L
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from mer.engine.metrics import recognition_metrics
 
@@ -17,20 +17,33 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 
 
 class MERModule(L.LightningModule):
-    """Emotion classification of flow images with cross-entropy.
+    """Emotion classification of flow images with cross-entropy (or ``loss``: focal, see
+    :mod:`mer.engine.losses`).
 
-    Batches are ``(x, y)`` with x (B, C, H, W) float and y (B,) int64. ``predict_step`` returns
-    class probabilities (B, K). Subclasses with extra heads or losses override
-    :meth:`compute_loss`.
+    Batches are ``(x, y)`` with x (B, C, H, W) float and y (B,) int64, followed by the
+    network's named inputs when it declares any (``net.input_names``, e.g. ``(x, y,
+    apex_crop)``; :mod:`mer.data.inputs`): the network is called ``net(x, *inputs)``.
+    ``predict_step`` returns class probabilities (B, K). Subclasses with extra heads or losses
+    override :meth:`compute_loss`.
+
+    A neutral hook a network may offer: ``set_progress(f)`` gets the fraction of training done
+    (0 at the first step, -> 1) before each training batch (staged training, e.g. MPFNet);
+    ``optimizer_groups(lr)`` gives the optimiser's parameter groups (per-part learning rates).
     """
 
     def __init__(
         self, net: nn.Module, num_classes: int, lr: float = 1e-3, weight_decay: float = 0.0,
         optimizer: str = "adam", class_names: list[str] | None = None,
+        loss: dict | None = None,
     ) -> None:
         super().__init__()
+        from mer.engine.losses import make_loss
+
         self.net = net
         self.num_classes = num_classes
+        self.loss_cfg = dict(loss or {"kind": "ce"})
+        self.loss_fn = make_loss(self.loss_cfg)
+        self.n_inputs = len(getattr(net, "input_names", ()) or ())
         self.lr, self.weight_decay, self.optimizer_name = lr, weight_decay, optimizer
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self._val_preds: list[torch.Tensor] = []
@@ -63,16 +76,34 @@ class MERModule(L.LightningModule):
             if p.grad is not None and name in self._grad_correction:
                 p.grad.add_(self._grad_correction[name].to(p.grad))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(x, *inputs)
+
+    def _inputs(self, batch) -> tuple[torch.Tensor, ...]:
+        """The network's named inputs of a batch (after x, y)."""
+        if not self.n_inputs:
+            return ()
+        inputs = tuple(batch[2:2 + self.n_inputs])
+        if len(inputs) != self.n_inputs:
+            raise ValueError(
+                f"{type(self.net).__name__} needs inputs {list(self.net.input_names)} after "
+                f"(x, y) in each batch, got {len(inputs)} tensors: build the datamodule from "
+                "samples whose inputs were provided (mer.engine.build.build_module does it)")
+        return inputs
 
     def compute_loss(
-        self, batch: tuple[torch.Tensor, torch.Tensor]
+        self, batch: tuple[torch.Tensor, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits) for a batch."""
-        x, y = batch
-        logits = self(x)
-        return F.cross_entropy(logits, y), logits
+        x, y = batch[0], batch[1]
+        logits = self(x, *self._inputs(batch))
+        return self.loss_fn(logits, y), logits
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if hasattr(self.net, "set_progress"):
+            total = float(self.trainer.estimated_stepping_batches or 1)
+            done = self.global_step / max(1.0, total) if math.isfinite(total) else 0.0
+            self.net.set_progress(min(1.0, done))
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self.compute_loss(batch)
@@ -105,8 +136,9 @@ class MERModule(L.LightningModule):
         self._val_true.clear()
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return torch.softmax(self(x), dim=1)
+        if isinstance(batch, (tuple, list)):
+            return torch.softmax(self(batch[0], *self._inputs(batch)), dim=1)
+        return torch.softmax(self(batch), dim=1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = self.parameters()

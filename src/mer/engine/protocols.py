@@ -6,6 +6,12 @@ subjects with a fixed schedule (the last epoch), or selects its epoch on validat
 carved from the *training* subjects; the test subject is never looked at before prediction.
 Predictions are pooled over folds and scored once (MEGC2019).
 
+Cross-database (:func:`cross_db_folds`: train on some databases, test on others, e.g. CASME II
+-> SAMM) and leave one database out (:func:`lodo_folds`: each database of a composite held out
+in turn) split by database; subjects of different databases are different people, and
+databases recorded from the same people (:data:`SAME_PEOPLE`) are never split apart. Model
+selection, if any, uses validation subjects of the training databases only.
+
 Folds run in a pool of worker processes sized to the machine: tiny ME networks use one core
 badly, so ``workers`` processes with ``cores // workers`` threads each beat one process with all
 cores. Results do not depend on the worker count (each fold seeds itself from its index).
@@ -99,6 +105,101 @@ def loso_folds(samples: FlowSamples, val_subjects: float = 0.0, seed: int = 0) -
         check_split(samples, fold)
         folds.append(fold)
     return folds
+
+
+# Databases recorded from the same people: never one on each side of a cross-database split.
+SAME_PEOPLE: tuple[frozenset[str], ...] = (frozenset({"samm", "samm_lv"}),)
+
+
+def _carve_validation(keys: np.ndarray, train_idx: np.ndarray, val_subjects: float,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx): ``val_subjects`` (a fraction or a count) of the subjects of
+    ``train_idx`` moved to validation, at least one subject kept for training."""
+    subjects = sorted(set(keys[train_idx]))
+    n_val = int(round(val_subjects * len(subjects))) if val_subjects < 1 else int(val_subjects)
+    n_val = min(n_val, len(subjects) - 1)
+    if n_val <= 0:
+        return train_idx, np.array([], dtype=np.int64)
+    val_set = list(rng.choice(subjects, n_val, replace=False))
+    in_val = np.isin(keys[train_idx], val_set)
+    return train_idx[~in_val], train_idx[in_val]
+
+
+def _database_fold(samples: FlowSamples, index: int, name: str, train: list[str],
+                   test: list[str], val_subjects: float, seed: int) -> Fold:
+    """A fold training on the databases ``train`` and testing on ``test``, checked."""
+    db = samples.meta["database"].to_numpy()
+    keys = samples.meta["subject_key"].to_numpy()
+    for group in SAME_PEOPLE:
+        if group & set(train) and group & set(test):
+            raise ProtocolError(
+                f"fold '{name}': {sorted(group & set(train))} (train) and "
+                f"{sorted(group & set(test))} (test) are recordings of the same people; a "
+                "cross-database split would put subjects on both sides. Keep them on one side")
+    train_idx = np.flatnonzero(np.isin(db, train))
+    test_idx = np.flatnonzero(np.isin(db, test))
+    train_idx, val_idx = _carve_validation(keys, train_idx, val_subjects,
+                                           np.random.default_rng([seed, index]))
+    fold = Fold(index, name, train_idx, test_idx, val_idx)
+    check_split(samples, fold)
+    return fold
+
+
+def _databases(samples: FlowSamples) -> list[str]:
+    return sorted(samples.meta["database"].unique())
+
+
+def cross_db_folds(samples: FlowSamples, train: list[str] | None, test: list[str] | None,
+                   val_subjects: float = 0.0, seed: int = 0) -> list[Fold]:
+    """One fold: train on the databases ``train``, test on every sample of ``test``.
+
+    Either side may be None: it is then every database of the samples not on the other side.
+    Validation subjects (``val_subjects``: a fraction or a count) are carved from the training
+    databases only; the test databases are not looked at before prediction.
+
+    Raises:
+        ProtocolError: a database on both sides or absent from the samples, nothing given, an
+            empty side, or two databases of the same people (SAMM and SAMM-LV) on both sides.
+    """
+    present = _databases(samples)
+    if not train and not test:
+        raise ProtocolError(
+            f"protocol=cross_db needs protocol.train and/or protocol.test (lists of "
+            f"databases; the data holds {present}), e.g. protocol.train=[{present[0]}] "
+            f"protocol.test=[{present[-1]}]")
+    train, test = [str(d) for d in train or []], [str(d) for d in test or []]
+    for side, names in (("train", train), ("test", test)):
+        unknown = [d for d in names if d not in present]
+        if unknown:
+            raise ProtocolError(f"protocol.{side}: {unknown} not in the data (its databases: "
+                                f"{present}); fix protocol.{side} or the data config")
+    both = sorted(set(train) & set(test))
+    if both:
+        raise ProtocolError(f"protocol.train and protocol.test both hold {both}: a database is "
+                            "trained on or tested on, never both (use protocol=loso within one)")
+    train = train or [d for d in present if d not in test]
+    test = test or [d for d in present if d not in train]
+    if not test:
+        raise ProtocolError(f"protocol.train={train} holds every database of the data: no "
+                            "database left to test; set protocol.test")
+    if not train:
+        raise ProtocolError(f"protocol.test={test} holds every database of the data: no "
+                            "database left to train on; set protocol.train")
+    name = f"{'+'.join(train)}->{'+'.join(test)}"
+    return [_database_fold(samples, 0, name, train, test, val_subjects, seed)]
+
+
+def lodo_folds(samples: FlowSamples, val_subjects: float = 0.0, seed: int = 0) -> list[Fold]:
+    """Leave one database out: one fold per database (sorted), named after it; each trains on
+    all other databases (validation subjects carved from those) and tests on every sample of
+    the one held out, so every sample is tested exactly once."""
+    present = _databases(samples)
+    if len(present) < 2:
+        raise ProtocolError(f"protocol=lodo needs at least 2 databases, the data holds "
+                            f"{present}; use a composite (data=composite, or SynME) or "
+                            "protocol=loso")
+    return [_database_fold(samples, i, held, [d for d in present if d != held], [held],
+                           val_subjects, seed) for i, held in enumerate(present)]
 
 
 # ---------------------------------------------------------------------------------------------

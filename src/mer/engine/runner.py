@@ -13,10 +13,53 @@ from omegaconf import DictConfig, OmegaConf
 from mer.data.io import atomic_write_text
 from mer.data.samples import FlowSamples
 from mer.data.sources import load_samples
-from mer.engine.protocols import Fold, ProtocolError, loso_folds, refuse_non_finite, run_folds
+from mer.engine.build import prepare_inputs
+from mer.engine.protocols import (
+    Fold,
+    ProtocolError,
+    cross_db_folds,
+    lodo_folds,
+    loso_folds,
+    refuse_non_finite,
+    run_folds,
+)
 from mer.engine.report import score_predictions, write_csv, write_outputs
 
 log = logging.getLogger(__name__)
+
+
+PROTOCOLS = ("loso", "cross_db", "lodo")
+
+
+def _all_folds(samples: FlowSamples, protocol: DictConfig, seed: int) -> list[Fold]:
+    """Every fold of ``protocol.name``: ``loso`` (one per subject), ``cross_db`` (one:
+    ``protocol.train`` -> ``protocol.test``), ``lodo`` (one per database)."""
+    val = protocol.get("val_subjects") or 0
+    if protocol.name == "loso":
+        return loso_folds(samples, val_subjects=val, seed=seed)
+    if protocol.name == "cross_db":
+        def names(key: str) -> list[str] | None:
+            value = protocol.get(key)
+            if value is None:
+                return None
+            return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+
+        return cross_db_folds(samples, names("train"), names("test"), val_subjects=val,
+                              seed=seed)
+    if protocol.name == "lodo":
+        return lodo_folds(samples, val_subjects=val, seed=seed)
+    raise ProtocolError(f"unknown protocol '{protocol.name}': use one of {list(PROTOCOLS)} "
+                        "(protocol=loso|cross_db|lodo)")
+
+
+def protocol_total_folds(samples: FlowSamples, protocol: DictConfig) -> int:
+    """How many folds the whole protocol has (subjects for LOSO, databases for LODO, 1 for
+    cross_db), whatever ``protocol.fold_index`` selects."""
+    if protocol.name == "lodo":
+        return int(samples.meta["database"].nunique())
+    if protocol.name == "cross_db":
+        return 1
+    return int(samples.meta["subject_key"].nunique())
 
 
 def make_folds(samples: FlowSamples, protocol: DictConfig, seed: int) -> list[Fold]:
@@ -27,9 +70,7 @@ def make_folds(samples: FlowSamples, protocol: DictConfig, seed: int) -> list[Fo
             "training subjects: set protocol.val_subjects (e.g. 0.2). Selecting on the test "
             "fold is not offered."
         )
-    if protocol.name != "loso":
-        raise ProtocolError(f"unknown protocol '{protocol.name}'")
-    folds = loso_folds(samples, val_subjects=protocol.val_subjects, seed=seed)
+    folds = _all_folds(samples, protocol, seed)
     chosen = protocol.get("fold_index")
     if chosen is not None:
         chosen = [int(chosen)] if isinstance(chosen, int | str) else [int(i) for i in chosen]
@@ -47,6 +88,15 @@ def make_folds(samples: FlowSamples, protocol: DictConfig, seed: int) -> list[Fo
             "training subjects rounds to 0): raise protocol.val_subjects (a count, e.g. 2, "
             "or a larger fraction) or use protocol.select=last")
     return folds
+
+
+def _database_sides(samples: FlowSamples, folds: list[Fold], name: str) -> dict:
+    """For the cross-database protocols: each fold's training and test databases."""
+    if name == "loso":
+        return {}
+    db = samples.meta["database"].to_numpy()
+    return {"train_databases": {f.name: sorted(set(db[f.train_idx])) for f in folds},
+            "test_databases": {f.name: sorted(set(db[f.test_idx])) for f in folds}}
 
 
 def training_spec(cfg: DictConfig, log_dir: Path | None) -> dict:
@@ -92,9 +142,11 @@ def run_recognition(cfg: DictConfig, run_dir: Path) -> dict:
     """Run a recognition protocol and write results.json, predictions.csv, the confusion PNG."""
     t0 = time.perf_counter()
     samples = load_samples(cfg.data, cfg.paths.cache_dir)
+    # the model's named inputs and pretraining data, made once here, not in every fold worker
+    prepare_inputs(OmegaConf.to_container(cfg.model, resolve=True), samples)
     t_data = time.perf_counter() - t0
     folds = make_folds(samples, cfg.protocol, int(cfg.seed))
-    total_folds = samples.meta["subject_key"].nunique()
+    total_folds = protocol_total_folds(samples, cfg.protocol)
     spec = training_spec(cfg, run_dir / "logs")
     t1 = time.perf_counter()
     fold_results = run_folds(samples, folds, spec, workers=cfg.protocol.workers,
@@ -121,12 +173,18 @@ def run_recognition(cfg: DictConfig, run_dir: Path) -> dict:
         "protocol": {"name": cfg.protocol.name, "folds": len(folds), "total_folds": total_folds,
                      "partial": len(folds) < total_folds,
                      "selection": cfg.protocol.select, "val_subjects": cfg.protocol.val_subjects,
-                     "resumed_folds": [r["fold"] for r in fold_results if r.get("resumed")]},
+                     "resumed_folds": [r["fold"] for r in fold_results if r.get("resumed")],
+                     **_database_sides(samples, folds, cfg.protocol.name)},
         "timings": {"data_s": t_data, "train_s": t_train,
                     "folds_s": {r["fold"]: r["seconds"] for r in fold_results}},
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if samples.pretrain is not None:  # model.pretrain: what each fold pretrained on
+        results["pretrain"] = {**samples.pretrain.provenance,
+                               "n_samples": len(samples.pretrain.meta),
+                               "class_names": samples.pretrain.class_names,
+                               "per_fold": "without the fold's test and validation subjects"}
     write_outputs(run_dir, results, predictions, samples.class_names)
     _log_wandb(cfg, run_dir, results)
     _print_summary(results, run_dir)

@@ -18,8 +18,10 @@ Configuration (all from the same Hydra config as ``python -m mer.run``):
   configs make);
 - node config (``flower-supernode --node-config``): ``client-name="synA"`` or
   ``partition-id=0`` (position in the configured partition; Flower's simulation sets it),
-  and ``overrides`` (the lab's own extra Hydra overrides: its ``data.root``, or ``data=``
-  its own database alone).
+  ``overrides`` (the lab's own extra Hydra overrides: its ``data.root``, or ``data=``
+  its own database alone), and the lab's pins (:func:`check_pins`): ``privacy="secagg"``
+  (it refuses runs of any other privacy mode) and ``privacy-secret-context="PATH"`` (its
+  own CKKS key file, which replaces any the run names).
 
 The server loads no data: a lab's ``query`` reply tells it the client's sizes, the test
 clips' ids and labels and the AU co-occurrence counts of its training split
@@ -33,10 +35,11 @@ node keeps between rounds (its last local model for FedBN, its SCAFFOLD control)
 the node's ``context.state``; personalised models are made by the server, as in the loop.
 
 Under secure aggregation (``privacy=ckks | secagg``) a train reply carries only the protected
-``[n w, n]``, and three more types take part: ``query.secure_keys`` (secagg's per-round key
-exchange), ``query.secure_reveal`` (secagg's recovery of clients lost after it) and
-``query.secure_finish`` (the sum back to the survivors: ckks decryption; P-FedProx models,
-then made and kept by the nodes). See the notes above :func:`protected_reply`.
+``[n w, n]``, and more types take part: ``query.secure_keys``, ``query.secure_shares`` and
+``query.secure_unmask`` (the steps of secagg's threshold protocol, :mod:`mer.privacy.secagg`)
+and ``query.secure_finish`` (the sum back to the survivors: ckks decryption; P-FedProx models,
+then made and kept by the nodes). See the notes above :func:`protected_reply`. A protected
+sum of fewer than ``privacy.min_clients`` labs is never opened: the round is skipped.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import json
 import logging
 import shlex
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,18 +59,26 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, open_dict
 
+from mer.config_check import check_config
 from mer.data.samples import FlowSamples
 from mer.federated import aggregators
 from mer.federated.loop import ClientState, ClientUpdate, FederatedRun, Weights, make_clients
 from mer.federated.partition import ClientData
-from mer.privacy.base import Layout, mean_from_sum, personalise_from_sum
+from mer.privacy.base import (
+    Layout,
+    TooFewContributors,
+    mean_from_sum,
+    personalise_from_sum,
+    require_contributors,
+)
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 
 
-def compose_config(overrides: str | list[str]) -> DictConfig:
-    """mer's Hydra config for a string (or list) of overrides, as ``mer.run`` composes it."""
+def compose_config(overrides: str | list[str], whole_federation: bool = True) -> DictConfig:
+    """mer's Hydra config for a string (or list) of overrides, as ``mer.run`` composes it,
+    checked (``whole_federation=False``: a lab's own config, its data maybe its own only)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -77,6 +89,7 @@ def compose_config(overrides: str | list[str]) -> DictConfig:
     if not cfg.get("federated"):
         raise ValueError(f"the Flower apps need a federated config; overrides {items} have "
                          "none (add e.g. federated=fedavg or +experiment=fed_psyau)")
+    check_config(cfg, whole_federation)  # ConfigError: every bad value, before any data
     return cfg
 
 
@@ -120,9 +133,15 @@ def node_from_context(context: Context) -> Node:
         return _NODES[key]
     from mer.data.sources import load_samples
 
-    cfg = compose_config(overrides)
+    cfg = compose_config(overrides, whole_federation=False)  # a lab: maybe its own data only
+    own_key = node_cfg.get("privacy-secret-context")
+    if own_key is not None and (cfg.get("privacy") or {}).get("name") == "ckks":
+        overrides += f" privacy.secret_context={shlex.quote(str(own_key))}"  # the lab's wins
+        cfg = compose_config(overrides, whole_federation=False)
+    check_pins(node_cfg, cfg, str(node_cfg.get("client-name",
+                                               f"partition-id={node_cfg.get('partition-id')}")))
     samples = load_samples(cfg.data, cfg.paths.cache_dir)
-    clients = make_clients(cfg, samples)
+    clients = make_clients(cfg, samples, whole_federation=False)
     names = [c.name for c in clients]
     if "client-name" in node_cfg:
         name = str(node_cfg["client-name"])
@@ -145,13 +164,47 @@ def node_from_context(context: Context) -> Node:
     return node
 
 
+def check_pins(node_config: Mapping, cfg: DictConfig, lab: str) -> None:
+    """Refuse a run whose privacy differs from what the lab pinned in its node config.
+
+    ``privacy="secagg"`` (or ``ckks``, ``dp``, ...): the lab takes part only in runs of that
+    mode, so a server cannot downgrade it (to plaintext, say) by submitting another run
+    config. ``privacy-secret-context="PATH"``: the lab's CKKS key file; it replaces any key the
+    run names (:func:`node_from_context`) and the lab refuses runs that are not ckks.
+    """
+    privacy = cfg.get("privacy") or {}
+    name = str(privacy.get("name", "none")) if privacy else "none"
+    pinned = node_config.get("privacy")
+    if pinned is not None and str(pinned) != name:
+        raise PermissionError(
+            f"lab {lab!r} pins privacy={pinned} in its SuperNode's node config; this run asks "
+            f"privacy={name}: refused. Submit the run with privacy={pinned} (or the lab "
+            "removes its pin)")
+    key = node_config.get("privacy-secret-context")
+    if key is not None:
+        have = privacy.get("secret_context") if privacy else None
+        same = have is not None and \
+            Path(str(have)).expanduser().resolve() == Path(str(key)).expanduser().resolve()
+        if name != "ckks" or not same:
+            raise PermissionError(
+                f"lab {lab!r} pins its CKKS key file {key} in its node config; this run would "
+                f"use privacy={name} with key {have!r}: refused")
+
+
+def _node(context: Context) -> Node:
+    """This SuperNode's :class:`Node`, after checking the run against the lab's pins."""
+    node = node_from_context(context)
+    check_pins(dict(context.node_config), node.cfg, node.client.name)
+    return node
+
+
 client_app = ClientApp()
 
 
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server which client (lab) this node is, and what it needs to know of it."""
-    return Message(RecordDict({"client": ConfigRecord(describe(node_from_context(context)))}),
+    return Message(RecordDict({"client": ConfigRecord(describe(_node(context)))}),
                    reply_to=msg)
 
 
@@ -184,7 +237,7 @@ def describe(node: Node) -> dict:
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training of this node's client with mer's own code (``train_client``)."""
-    node = node_from_context(context)
+    node = _node(context)
     run = node.run
     conf = msg.content["config"]
     name, rnd, k = str(conf["client"]), int(conf["round"]), int(conf["k"])
@@ -241,7 +294,7 @@ def _history(records: RecordDict) -> list[tuple]:
 def evaluate(msg: Message, context: Context) -> Message:
     """Class probabilities of each sent model (``model-0``, ...) on this node's test split;
     under FedBN with this client's own batch-norm entries (kept here, as in the loop)."""
-    node = node_from_context(context)
+    node = _node(context)
     run, name = node.run, node.client.name
     n = int(msg.content["config"]["models"])
     last = context.state.get("last")
@@ -264,11 +317,17 @@ def evaluate(msg: Message, context: Context) -> Message:
 #
 # ckks: the node encrypts ``[n w, n]`` with the lab's secret context (privacy.secret_context);
 # the server adds ciphertexts under the public one and sends the sum back to the survivors,
-# who decrypt it (``secure_finish``): one returns the mean, each makes its P-FedProx model.
-# secagg: ``secure_keys`` makes the node's X25519 key for the round (the private half stays
-# in ``context.state``); the train message relays everyone's public key; the node masks;
-# if clients dropped after that, ``secure_reveal`` gives the server the survivors' seeds with
-# the dropped clients only. Example counts travel inside the protected vector.
+# who decrypt it (``secure_finish``, refused below privacy.min_clients survivors): one
+# returns the mean, each makes its P-FedProx model.
+# secagg (mer.privacy.secagg, the threshold protocol): ``secure_keys`` makes the lab's
+# SecAggParty of the round and publishes its two public keys; ``secure_shares`` relays the
+# roster, the lab answers with its Shamir shares encrypted for each other lab; the train
+# message relays the shares meant for this lab and the labs that shared (U2); the node masks;
+# ``secure_unmask`` asks each lab whose masked input arrived for its shares of the survivors'
+# self-mask seeds and of the dropped labs' keys (never both for one lab). The party lives in
+# ``context.state`` between messages (this node's only). A lab whose training missed
+# ``faults.deadline_s`` holds its input back itself: it never leaves the node, so nothing of
+# it can be unmasked. Example counts travel inside the protected vector.
 
 
 def protected_reply(run: FederatedRun, kept: RecordDict, conf: ConfigRecord,
@@ -284,6 +343,12 @@ def protected_reply(run: FederatedRun, kept: RecordDict, conf: ConfigRecord,
                          "PATH to the SuperNode's overrides (python -m mer.privacy.keys)")
     metrics = MetricRecord({"steps": update.steps, "seconds": update.seconds,
                             "work": update.work})
+    deadline = run.faults.deadline_s
+    if deadline is not None and update.seconds > deadline:  # late: the input stays here
+        log.warning("round %d: client %s missed the %.3g s deadline (%.3g s): its update is "
+                    "not sent", rnd, name, deadline, update.seconds)
+        return RecordDict({"metrics": metrics,
+                           "secure": ConfigRecord({"late": float(update.seconds)})})
     _, excluded = aggregators.check_updates([(update.weights, update.num_examples)], [name],
                                             run.global_weights)
     if excluded:  # the node checks its own update: the server could not
@@ -291,67 +356,90 @@ def protected_reply(run: FederatedRun, kept: RecordDict, conf: ConfigRecord,
                            "secure": ConfigRecord({"excluded": excluded[name]})})
     ids = [str(c) for c in conf["round-clients"]]
     if isinstance(run.secure, MaskedAggregation):
-        party = _kept_party(kept, name, rnd)
-        peers = {str(k): bytes(v) for k, v in records["peers"].items()}
-        run.secure.begin_client_round(rnd, ids, run.global_weights, party, peers)
-        kept["peers"] = ConfigRecord(peers)  # for the dropout recovery, from this node's copy
+        party = _kept_party(kept, name, rnd, run)
+        party.receive_shares({str(k): bytes(v) for k, v in records["shares"].items()}, ids)
+        run.secure.begin_lab_round(rnd, ids, run.global_weights, party)
+        payload = run.secure.client_payload(name, update.weights, update.num_examples)
+        _keep_party(kept, party)
     else:
         run.secure.begin_round(rnd, ids, run.global_weights)
-    payload = run.secure.client_payload(name, update.weights, update.num_examples)
+        payload = run.secure.client_payload(name, update.weights, update.num_examples)
     kept["sent"] = _arrays(update.weights)  # what went into the sum, for P-FedProx
     kept["sent-n"] = ConfigRecord({"round": rnd, "n": update.num_examples})
     return RecordDict({"metrics": metrics, "secure": ConfigRecord({"payload": payload})})
 
 
-def _kept_party(kept: RecordDict, name: str, rnd: int):
-    """secagg: this node's masking party of round ``rnd``, from the key ``secure_keys`` kept
-    (and, once training has masked, the peers' public keys)."""
-    from mer.privacy.secagg import MaskingParty
+def _secagg_params(run: FederatedRun, name: str):
+    from mer.privacy.secagg import MaskedAggregation
 
-    secret = kept.get("secure")
-    if secret is None or int(secret["round"]) != rnd:
-        raise RuntimeError(f"client {name!r} holds no secagg key of round {rnd} (node "
+    if not isinstance(run.secure, MaskedAggregation):
+        raise PermissionError(f"lab {name!r} runs privacy={run.privacy_name}, but the server "
+                              "asks for secagg's key exchange: same privacy config on both?")
+    return run.secure.params
+
+
+def _kept_party(kept: RecordDict, name: str, rnd: int, run: FederatedRun):
+    """secagg: this node's :class:`~mer.privacy.secagg.SecAggParty` of round ``rnd``."""
+    from mer.privacy.secagg import SecAggParty
+
+    record = kept.get("secagg")
+    if record is None or int(record["round"]) != rnd:
+        raise RuntimeError(f"client {name!r} holds no secagg party of round {rnd} (node "
                            "restarted since the key exchange?)")
-    party = MaskingParty(name, rnd, bytes(secret["key"]))
-    if "peers" in kept:
-        party.peers = {str(k): bytes(v) for k, v in kept["peers"].items()}
-    return party
+    return SecAggParty.from_state(bytes(record["party"]), _secagg_params(run, name))
+
+
+def _keep_party(kept: RecordDict, party) -> None:
+    kept["secagg"] = ConfigRecord({"round": party.rnd, "party": party.to_state()})
 
 
 @client_app.query("secure_keys")
 def secure_keys(msg: Message, context: Context) -> Message:
-    """secagg: a fresh X25519 key pair for this round; the public half goes to the server."""
-    from mer.privacy.secagg import MaskingParty
+    """secagg step 0: this lab's party of the round; its two public keys go to the server."""
+    from mer.privacy.secagg import SecAggParty
 
-    node = node_from_context(context)
-    rnd = int(msg.content["config"]["round"])
-    party = MaskingParty(node.client.name, rnd)
-    context.state["secure"] = ConfigRecord({"round": rnd, "key": party.private_bytes()})
-    return Message(RecordDict({"secure": ConfigRecord({"public-key": party.public_key()})}),
+    node = _node(context)
+    name, rnd = node.client.name, int(msg.content["config"]["round"])
+    party = SecAggParty(name, rnd, _secagg_params(node.run, name))
+    _keep_party(context.state, party)
+    c_pk, s_pk = party.advertise()
+    return Message(RecordDict({"secure": ConfigRecord({"c-pk": c_pk, "s-pk": s_pk})}),
                    reply_to=msg)
 
 
-@client_app.query("secure_reveal")
-def secure_reveal(msg: Message, context: Context) -> Message:
-    """secagg dropout recovery: this node's seeds with the clients the server says dropped
-    (never with survivors), if enough survivors remain for the sum to hide each of them."""
-    node = node_from_context(context)
-    conf, kept, name = msg.content["config"], context.state, node.client.name
-    rnd, ids = int(conf["round"]), [str(c) for c in conf["round-clients"]]
-    dropped = [str(c) for c in conf["dropped"]]
-    survivors = len(ids) - len(dropped)
-    if survivors < node.run.secure.params.min_survivors:
-        raise PermissionError(f"client {name!r} refuses to reveal: {survivors} survivor(s) < "
-                              f"min_survivors={node.run.secure.params.min_survivors}")
-    party = _kept_party(kept, name, rnd)
-    return Message(RecordDict({"secure": ConfigRecord(party.reveal(dropped))}), reply_to=msg)
+@client_app.query("secure_shares")
+def secure_shares(msg: Message, context: Context) -> Message:
+    """secagg step 1: Shamir shares of this lab's self-mask seed and key, encrypted for each
+    lab of the relayed roster (the server cannot read them)."""
+    node = _node(context)
+    name, rnd = node.client.name, int(msg.content["config"]["round"])
+    roster = msg.content["roster"]
+    party = _kept_party(context.state, name, rnd, node.run)
+    out = party.share_keys({str(c): (bytes(a), bytes(b)) for c, a, b in
+                            zip(roster["clients"], roster["c-pk"], roster["s-pk"])})
+    _keep_party(context.state, party)
+    return Message(RecordDict({"secure": ConfigRecord(out)}), reply_to=msg)
+
+
+@client_app.query("secure_unmask")
+def secure_unmask(msg: Message, context: Context) -> Message:
+    """secagg step 3: this lab's shares of the survivors' self-mask seeds and of the dropped
+    labs' keys, after the honest lab's checks (:meth:`SecAggParty.unmask`)."""
+    node = _node(context)
+    conf, name = msg.content["config"], node.client.name
+    party = _kept_party(context.state, name, int(conf["round"]), node.run)
+    shares = party.unmask([str(c) for c in conf["survivors"]],
+                          [str(c) for c in conf["dropped"]])
+    _keep_party(context.state, party)  # what it revealed, against a second, other request
+    return Message(RecordDict({"b": ConfigRecord(shares["b"]), "s": ConfigRecord(shares["s"])}),
+                   reply_to=msg)
 
 
 @client_app.query("secure_finish")
 def secure_finish(msg: Message, context: Context) -> Message:
     """The decoded sum reaches the survivors: under ckks this node decrypts it (and returns
     the mean when asked); under P-FedProx it makes and keeps its personalised model."""
-    node = node_from_context(context)
+    node = _node(context)
     run, kept, conf = node.run, context.state, msg.content["config"]
     rnd, survivors = int(conf["round"]), [str(c) for c in conf["survivors"]]
     if "payload" in msg.content["sum"]:  # ckks: still encrypted
@@ -411,17 +499,23 @@ def discover(grid: Grid, expected: list[str] | None = None, timeout_s: float = 1
     wanted = list(expected or [])
     found: dict[str, tuple[int, dict]] = {}
     asked: set[int] = set()
+    refused: dict[int, str] = {}  # node -> why it cannot serve this run (e.g. a lab's pin)
     t0 = time.monotonic()
     while not wanted or any(n not in found for n in wanted):
         fresh = [n for n in grid.get_node_ids() if n not in asked]
         msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n,
                         message_type="query") for n in fresh]
-        for reply in grid.send_and_receive(msgs, timeout=30.0) if msgs else []:
+        # wait as long as the connect timeout allows: a lab's first reply starts a ClientApp
+        # process that loads its data (minutes on a busy machine); a reply missed here would
+        # be asked for again, and missed again, until the timeout
+        wait = max(30.0, timeout_s - (time.monotonic() - t0))
+        for reply in grid.send_and_receive(msgs, timeout=wait) if msgs else []:
             node_id = reply.metadata.src_node_id
             asked.add(node_id)
             if reply.has_error():
                 log.warning("node %d cannot serve this config: %s", node_id,
                             reply.error.reason)
+                refused[node_id] = str(reply.error.reason)
                 continue
             info = dict(reply.content["client"])
             name = str(info["name"])
@@ -433,8 +527,9 @@ def discover(grid: Grid, expected: list[str] | None = None, timeout_s: float = 1
                 wanted += [str(n) for n in info["clients"] if str(n) not in wanted]
         if not wanted or any(n not in found for n in wanted):
             if time.monotonic() - t0 > timeout_s:
+                why = "".join(f"; SuperNode {n} refused: {r}" for n, r in refused.items())
                 raise TimeoutError(f"after {timeout_s:.0f} s only clients {sorted(found)} of "
-                                   f"{wanted} have a SuperNode; start one per client")
+                                   f"{wanted} have a SuperNode; start one per client{why}")
             time.sleep(1.0)
     for name in set(found) - set(wanted):
         log.warning("SuperNode %d serves client %r, which is not in this run: ignored",
@@ -471,6 +566,30 @@ def discover(grid: Grid, expected: list[str] | None = None, timeout_s: float = 1
     return Federation(nodes, samples, clients, counts, summary)
 
 
+def check_server_keys(privacy: Mapping | None) -> None:
+    """Under ckks the ServerApp holds the public context only, from a key file the labs'
+    secret one matches (``python -m mer.privacy.keys``). Checked on the config and on the
+    file's framing (:func:`~mer.privacy.encrypted.holds_secret_key`) before any key file is
+    loaded: a secret key handed to the server by mistake is never deserialised here."""
+    from mer.privacy.encrypted import holds_secret_key
+
+    if not privacy or privacy.get("name") != "ckks":
+        return
+    if privacy.get("secret_context"):
+        raise PermissionError("the ServerApp was given the CKKS secret key "
+                              "(privacy.secret_context): give the server only "
+                              "privacy.public_context; the key was not loaded")
+    public = privacy.get("public_context")
+    if not public:
+        raise ValueError("privacy=ckks over Flower needs the federation's key files: make "
+                         "them with python -m mer.privacy.keys --out DIR, then give the "
+                         "server privacy.public_context=DIR/ckks-public.ctx and every lab "
+                         "privacy.secret_context=DIR/ckks-secret.ctx")
+    if Path(str(public)).expanduser().is_file() and holds_secret_key(public):
+        raise PermissionError(f"privacy.public_context={public} holds the secret key: the "
+                              "server must get only ckks-public.ctx; the key was not loaded")
+
+
 class FlowerRun(FederatedRun):
     """A FederatedRun whose clients are Flower SuperNodes reached through ``grid``.
 
@@ -483,29 +602,12 @@ class FlowerRun(FederatedRun):
                  checkpoint_dir: Path | None = None, *, grid: Grid, federation: Federation,
                  round_timeout_s: float = 600.0) -> None:
         self.federation = federation  # before the loop's __init__: au_counts() reads it
+        check_server_keys(cfg.get("privacy"))  # before any key file is loaded
         super().__init__(cfg, samples, clients, checkpoint_dir)
-        self._check_server_keys()
         self.grid, self.round_timeout_s = grid, float(round_timeout_s)
         self.nodes = federation.nodes
         self.lost: list[dict] = []  # (round, client, reason) of missing replies
         self.client_metrics: list[dict] = []  # what each node reported, per round
-
-    def _check_server_keys(self) -> None:
-        """Under ckks the server holds the public context only, from a key file the labs'
-        secret one matches (``python -m mer.privacy.keys``)."""
-        from mer.privacy.encrypted import CKKSAggregation
-
-        if not isinstance(self.secure, CKKSAggregation):
-            return
-        if self.secure.params.secret_context:
-            raise PermissionError("the ServerApp was given the CKKS secret key "
-                                  "(privacy.secret_context): give the server only "
-                                  "privacy.public_context")
-        if not self.secure.params.public_context:
-            raise ValueError("privacy=ckks over Flower needs the federation's key files: make "
-                             "them with python -m mer.privacy.keys --out DIR, then give the "
-                             "server privacy.public_context=DIR/ckks-public.ctx and every lab "
-                             "privacy.secret_context=DIR/ckks-secret.ctx")
 
     def au_counts(self) -> np.ndarray:
         return self.federation.au_counts
@@ -588,55 +690,101 @@ class FlowerRun(FederatedRun):
 
     def _secure_round(self, rnd: int) -> dict:
         """A round under ckks / secagg: the nodes send protected payloads, the server adds
-        them and gets back only the mean (module notes above ``protected_reply``)."""
+        them and gets back only the mean (module notes above ``protected_reply``). Fewer
+        than ``privacy.min_clients`` labs (or, under secagg, than its threshold) at any
+        step: the round is skipped, nothing is opened."""
         from mer.privacy.secagg import MaskedAggregation
 
         t0 = time.perf_counter()
         faults: dict[str, list] = {"dropped": [], "failed": [], "late": []}
-        chosen = {self.clients[k].name: k
-                  for k in self.not_dropped(rnd, self.select_clients(rnd), faults)}
-        masked = isinstance(self.secure, MaskedAggregation)
-        keys: dict[str, bytes] = {}
-        if masked and chosen:
-            asked = {n: RecordDict({"config": ConfigRecord({"round": rnd})}) for n in chosen}
-            for name, reply in self._exchange(rnd, "query.secure_keys", asked).items():
-                if isinstance(reply, Exception):
-                    self._failed(rnd, name, reply, faults)
-                else:
-                    keys[name] = bytes(reply["secure"]["public-key"])
-            chosen = {n: k for n, k in chosen.items() if n in keys}
-        ids = list(chosen)
-        contents = {}
-        for name, k in chosen.items():
-            contents[name] = self._train_content(rnd, k)
-            contents[name]["config"]["round-clients"] = ids
-            if masked:
-                contents[name]["peers"] = ConfigRecord(keys)
-        payloads, updates, excluded = {}, [], {}
+        ids = [self.clients[k].name
+               for k in self.not_dropped(rnd, self.select_clients(rnd), faults)]
+        index = {c.name: k for k, c in enumerate(self.clients)}
+        updates: list[ClientUpdate] = []
+        excluded: dict[str, str] = {}
+        skipped, t_clients = None, None
+        try:
+            require_contributors(len(ids), self.min_clients, f"round {rnd}")
+            secagg = self.secure.begin_server_round(rnd, ids, self.global_weights) \
+                if isinstance(self.secure, MaskedAggregation) else None
+            relayed = self._secagg_setup(rnd, secagg, faults) if secagg else {}
+            ids = secagg.u2 if secagg else ids
+            contents = {}
+            for name in ids:
+                contents[name] = self._train_content(rnd, index[name])
+                contents[name]["config"]["round-clients"] = ids
+                if secagg:
+                    contents[name]["shares"] = ConfigRecord(relayed[name])
+            payloads = self._secure_payloads(rnd, contents, updates, excluded, faults)
+            t_clients = time.perf_counter() - t0
+            mean = self._secure_mean(rnd, ids, payloads)
+            if mean is None:
+                skipped = f"round {rnd}: the protected sum could not be opened (lost replies)"
+            else:
+                self.global_weights = self.server_opt.step(self.global_weights, mean)
+        except TooFewContributors as e:  # never opened, never an aborted run
+            skipped = str(e)
+        if skipped:
+            log.warning("round %d skipped, global model unchanged: %s", rnd, skipped)
+        t_clients = time.perf_counter() - t0 if t_clients is None else t_clients
+        return self._round_record(rnd, updates, excluded, faults, t0, t_clients, skipped)
+
+    def _secagg_setup(self, rnd: int, secagg, faults: dict) -> dict[str, dict[str, bytes]]:
+        """secagg steps 0 and 1 through the nodes: public keys in, roster out; encrypted
+        shares in, relayed per receiver (returned). Labs that fail a step are counted failed."""
+        asked = {n: RecordDict({"config": ConfigRecord({"round": rnd})})
+                 for n in secagg.selected}
+        adverts = {}
+        for name, reply in self._exchange(rnd, "query.secure_keys", asked).items():
+            if isinstance(reply, Exception):
+                self._failed(rnd, name, reply, faults)
+            else:
+                adverts[name] = (bytes(reply["secure"]["c-pk"]), bytes(reply["secure"]["s-pk"]))
+        roster = secagg.receive_keys(adverts)
+        asked = {n: RecordDict({
+            "config": ConfigRecord({"round": rnd}),
+            "roster": ConfigRecord({"clients": list(roster),
+                                    "c-pk": [c for c, _ in roster.values()],
+                                    "s-pk": [s for _, s in roster.values()]})}) for n in roster}
+        shares = {}
+        for name, reply in self._exchange(rnd, "query.secure_shares", asked).items():
+            if isinstance(reply, Exception):
+                self._failed(rnd, name, reply, faults)
+            else:
+                shares[name] = {str(k): bytes(v) for k, v in reply["secure"].items()}
+        return secagg.receive_shares(shares)
+
+    def _secure_payloads(self, rnd: int, contents: dict, updates: list, excluded: dict,
+                         faults: dict) -> dict[str, bytes]:
+        """The train exchange under secure aggregation: every protected payload that arrives
+        is in the sum, whatever its reported time (a late lab holds its input back itself)."""
+        payloads = {}
         for name, reply in self._exchange(rnd, "train", contents).items():
             if isinstance(reply, Exception):
                 self._failed(rnd, name, reply, faults)
                 continue
-            m = reply["metrics"]
+            m, secure = reply["metrics"], reply["secure"]
             self.client_metrics.append({"round": rnd, "client": name, **dict(m)})
             update = ClientUpdate(name, [], 0, int(m["steps"]), float(m["seconds"]),
                                   float(m["work"]))  # weights and count: inside the payload
-            if self.is_late(rnd, update, faults):
+            if "late" in secure:
+                log.warning("round %d: client %s missed the deadline (%.3g s) and kept its "
+                            "update", rnd, name, float(secure["late"]))
+                faults["late"].append(name)
                 continue
             updates.append(update)
-            if "excluded" in reply["secure"]:
-                excluded[name] = str(reply["secure"]["excluded"])
+            if "excluded" in secure:
+                excluded[name] = str(secure["excluded"])
                 log.warning("round %d: client %s excluded: %s", rnd, name, excluded[name])
                 self.excluded.append({"round": rnd, "client": name, "reason": excluded[name]})
-            else:
-                payloads[name] = bytes(reply["secure"]["payload"])
-        t_clients = time.perf_counter() - t0
-        mean = self._secure_mean(rnd, ids, payloads) if payloads else None
-        if mean is not None:
-            self.global_weights = self.server_opt.step(self.global_weights, mean)
-        else:
-            log.warning("round %d: no aggregate; global model unchanged", rnd)
-        return self._round_record(rnd, updates, excluded, faults, t0, t_clients)
+                continue
+            deadline = self.faults.deadline_s
+            if deadline is not None and update.seconds > deadline:
+                log.warning("round %d: client %s reports %.3g s, past the %.3g s deadline, but "
+                            "its protected input arrived: it is counted in the sum (never "
+                            "opened alone)", rnd, name, update.seconds, deadline)
+            payloads[name] = bytes(secure["payload"])
+        return payloads
 
     def _failed(self, rnd: int, name: str, error: Exception, faults: dict) -> None:
         faults["failed"].append(name)
@@ -645,29 +793,29 @@ class FlowerRun(FederatedRun):
     def _secure_mean(self, rnd: int, ids: list[str], payloads: dict[str, bytes]
                      ) -> Weights | None:
         """The server's part after the payloads: add them, then (secagg) unmask with the
-        survivors' revealed seeds, or (ckks) have the survivors decrypt; the survivors make
-        their P-FedProx models from the sum. None if the sum cannot be opened."""
+        survivors' shares, or (ckks) have the survivors decrypt; the survivors make their
+        P-FedProx models from the sum. Raises :class:`TooFewContributors` (nothing opened)
+        below ``privacy.min_clients``; None if the sum cannot be opened for lost replies."""
         from mer.privacy.secagg import MaskedAggregation
 
         survivors = [n for n in ids if n in payloads]
+        require_contributors(len(survivors), self.min_clients, f"round {rnd}")
         total = self.server_sum(payloads)
         personalise = bool(self.fed.get("personalise"))
         config = {"round": rnd, "survivors": survivors}
         if isinstance(self.secure, MaskedAggregation):
-            self.secure.begin_server_round(rnd, ids, self.global_weights)
-            dropped = [n for n in ids if n not in payloads]
-            revealed: dict[str, dict] = {}
-            if dropped:
-                asked = {s: RecordDict({"config": ConfigRecord(
-                    {"round": rnd, "round-clients": ids, "dropped": dropped})})
-                    for s in survivors}
-                for name, reply in self._exchange(rnd, "query.secure_reveal", asked).items():
-                    if isinstance(reply, Exception):
-                        log.warning("round %d: survivor %s revealed no seeds (%s): the masked "
-                                    "sum cannot be opened", rnd, name, reply)
-                        return None
-                    revealed[name] = dict(reply["secure"])
-            flat, count = self.secure.decode_sum(total, survivors, revealed=revealed)
+            secagg = self.secure.server
+            survivors, dropped = secagg.unmask_request()  # below the floor: nobody is asked
+            asked = {s: RecordDict({"config": ConfigRecord(
+                {"round": rnd, "survivors": survivors, "dropped": dropped})}) for s in survivors}
+            answers = {}
+            for name, reply in self._exchange(rnd, "query.secure_unmask", asked).items():
+                if isinstance(reply, Exception):
+                    log.warning("round %d: survivor %s gave no shares (%s)", rnd, name, reply)
+                else:
+                    answers[name] = {kind: {str(k): bytes(v) for k, v in reply[kind].items()}
+                                     for kind in ("b", "s")}
+            flat, count = secagg.unmask(answers, total)  # fewer than t answers: skipped
             mean = mean_from_sum(flat, count, self.secure.layout, f"round {rnd}")
             if personalise:
                 sums = RecordDict({"config": ConfigRecord({**config, "mean": False}),

@@ -299,6 +299,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="TLS and SuperNode authentication (certificates and keys made here)")
     p.add_argument("--timeout-s", type=float, default=3600.0, help="whole-run limit")
     args = p.parse_args(argv)
+    from mer.config_check import ConfigError
+    from mer.federated.flower_app import compose_config
+
+    try:  # the run's config checked here first: nothing is started for a bad value
+        compose_config(args.overrides)
+    except ConfigError as e:
+        print(f"mer: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out_dir).resolve()
     work = Path(args.workdir).resolve() if args.workdir else out / "flower"
     work.mkdir(parents=True, exist_ok=True)

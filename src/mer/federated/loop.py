@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mer.config_check import check_clients
 from mer.data.datamodule import SplitDataModule
 from mer.data.samples import FlowSamples
 from mer.engine.build import build_module, uses_aus
@@ -45,9 +46,15 @@ from mer.federated.partition import (
     natural_clients,
     subject_clients,
 )
-from mer.federated.server_opt import FedAdagrad, FedAdam, FedYogi, ServerOptimizer, ServerSGD
+from mer.federated.server_opt import ServerOptimizer, create_server_optimizer
 from mer.privacy import from_config as privacy_from_config
-from mer.privacy.base import SecureAggregation, personalise_from_sum
+from mer.privacy.base import (
+    SecureAggregation,
+    TooFewContributors,
+    mean_from_sum,
+    personalise_from_sum,
+    require_contributors,
+)
 
 log = logging.getLogger(__name__)
 Weights = list[np.ndarray]
@@ -72,12 +79,9 @@ def set_weights(module: MERModule, weights: Weights) -> None:
 
 
 def make_server_optimizer(cfg: DictConfig) -> ServerOptimizer:
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "name"}
-    optimisers = {"sgd": ServerSGD, "fedadam": FedAdam, "fedyogi": FedYogi,
-                  "fedadagrad": FedAdagrad}
-    if cfg.name not in optimisers:
-        raise ValueError(f"unknown federated.server_opt.name '{cfg.name}': {sorted(optimisers)}")
-    return optimisers[cfg.name](**kwargs)
+    """The server optimiser of ``federated.server_opt`` (a key it does not take is refused)."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    return create_server_optimizer(str(settings.pop("name")), "federated.server_opt", **settings)
 
 
 def aggregate(rule: DictConfig, results: list[tuple[Weights, int]]) -> Weights:
@@ -176,6 +180,10 @@ class FederatedRun:
         self.dp = layer if isinstance(layer, DPConfig) else None
         self.central_dp = CentralDP(layer, len(self.clients), self.seed) \
             if isinstance(layer, CentralDPConfig) else None
+        # protected aggregates (secure sums, central DP's clipped mean) of fewer contributors
+        # than privacy.min_clients are never released: the round is skipped
+        self.min_clients = self.secure.min_clients if self.secure else \
+            int(layer.min_clients) if self.central_dp else 0
         if (self.secure or self.central_dp) and self.rule not in PRIVATE_RULES:
             raise ValueError(
                 f"federated.rule.name={self.rule} cannot run under privacy={self.privacy_name}: "
@@ -389,25 +397,37 @@ class FederatedRun:
         carries what the client starts from (global model, its state, SCAFFOLD's server
         control, its DP accountant); what it changes comes back with its update."""
         global _WORKER_RUN
+        from mer.engine.workers import prepare_worker, stop_pool, terminate_on_signal
+
         if self._pool is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             _WORKER_RUN = self  # inherited by the forked workers
+            # workers die with this process and end at once on SIGTERM (mer.engine.workers)
             self._pool = ProcessPoolExecutor(self.workers,
-                                             mp_context=multiprocessing.get_context("fork"))
+                                             mp_context=multiprocessing.get_context("fork"),
+                                             initializer=prepare_worker,
+                                             initargs=(os.getpid(),))
         threads = max(1, torch.get_num_threads() // self.workers)
         futures = {}
-        for k in training:
-            name = self.clients[k].name
-            privacy = self.client_privacy.get(name)
-            futures[k] = self._pool.submit(_train_in_worker, {
-                "rnd": rnd, "k": k, "threads": threads, "global": self.global_weights,
-                "server_control": self.server_control, "state": self.state[name],
-                "history": privacy.accountant.history if privacy else None})
+        results = {}
+        try:
+            with terminate_on_signal():
+                for k in training:
+                    name = self.clients[k].name
+                    privacy = self.client_privacy.get(name)
+                    futures[k] = self._pool.submit(_train_in_worker, {
+                        "rnd": rnd, "k": k, "threads": threads, "global": self.global_weights,
+                        "server_control": self.server_control, "state": self.state[name],
+                        "history": privacy.accountant.history if privacy else None})
+                results = {k: future.result() for k, future in futures.items()}
+        except BaseException:  # SIGTERM, Ctrl-C, a broken pool: never wait for the others
+            stop_pool(self._pool)
+            self._pool = None
+            raise
         out: dict[int, ClientUpdate | Exception] = {}
-        for k, future in futures.items():
-            update, state, history = future.result()
+        for k, (update, state, history) in results.items():
             out[k] = update
             name = self.clients[k].name
             self.state[name] = state
@@ -416,9 +436,17 @@ class FederatedRun:
         return out
 
     def close(self) -> None:
-        """Stop the worker processes (``federated.workers`` > 1), if any."""
+        """Stop the worker processes (``federated.workers`` > 1), if any: at once when an
+        exception (SIGTERM's included) is on its way, else after their (finished) jobs."""
         if self._pool is not None:
-            self._pool.shutdown()
+            import sys
+
+            from mer.engine.workers import stop_pool
+
+            if sys.exc_info()[0] is not None:
+                stop_pool(self._pool)
+            else:
+                self._pool.shutdown()
             self._pool = None
 
     def is_late(self, rnd: int, update: ClientUpdate, faults: dict) -> bool:
@@ -435,7 +463,9 @@ class FederatedRun:
         """One round: local training at the selected clients, checks, aggregation, server step.
 
         Dropped-out, failing and late clients are left out of the round (logged and counted);
-        with no update left the global model stays as it was.
+        with no update left, or under a protected aggregate (secure aggregation, central DP)
+        with fewer than ``privacy.min_clients``, the round is skipped: the global model stays
+        as it was and the record says why (``skipped``).
         """
         t0 = time.perf_counter()
         chosen = self.select_clients(rnd)
@@ -449,13 +479,21 @@ class FederatedRun:
             self.excluded.append({"round": rnd, "client": name, "reason": reason})
         kept_updates = [u for u in updates if u.name not in excluded]
         personal: dict[str, Weights] = {}
-        if kept:
-            if self.secure:
+        agg, skipped = None, None
+        try:
+            if kept and self.min_clients:
+                require_contributors(len(kept), self.min_clients, f"round {rnd}")
+            if not kept:
+                skipped = "no client update to aggregate"
+            elif self.secure:
                 agg, personal = self._secure_aggregate(rnd, kept_updates)
             elif self.central_dp:
                 agg = self.central_dp.aggregate(self.global_weights, kept)
             else:
                 agg = aggregate(self.fed.rule, kept)
+        except TooFewContributors as e:  # never opened, never an aborted run
+            skipped = str(e)
+        if agg is not None:
             self.global_weights = self.server_opt.step(self.global_weights, agg)
             if self.rule == "scaffold":
                 deltas = [u.control_delta for u in kept_updates if u.control_delta is not None]
@@ -465,21 +503,24 @@ class FederatedRun:
                     self.server_control = [c + frac * d
                                            for c, d in zip(self.server_control, mean_dc)]
         else:
-            log.warning("round %d: no client update to aggregate; global model unchanged", rnd)
+            log.warning("round %d skipped, global model unchanged: %s", rnd, skipped)
         personalise = self.fed.get("personalise")
-        if personalise and kept and not self.secure:
+        if personalise and agg is not None and not self.secure:
             personal = dict(zip([u.name for u in kept_updates],
                                 aggregators.pfedprox_personalise(
                                     [w for w, _ in kept], [n for _, n in kept],
                                     own=float(personalise.own))))
         for name, w in personal.items():
             self.state[name].personal = w
-        return self._round_record(rnd, updates, excluded, faults, t0, t_clients)
+        return self._round_record(rnd, updates, excluded, faults, t0, t_clients, skipped)
 
     def _round_record(self, rnd: int, updates: list[ClientUpdate], excluded: Iterable[str],
-                      faults: dict, t0: float, t_clients: float) -> dict:
-        """The round's line in ``rounds.csv`` / ``stats``."""
+                      faults: dict, t0: float, t_clients: float,
+                      skipped: str | None = None) -> dict:
+        """The round's line in ``rounds.csv`` / ``stats``; ``skipped``: why no aggregate was
+        released (None when one was)."""
         return {"round": rnd, "clients": [u.name for u in updates], "excluded": sorted(excluded),
+                "skipped": skipped,
                 **faults, "stragglers": [u.name for u in updates if u.work < 1.0],
                 "client_s": t_clients, "server_s": time.perf_counter() - t0 - t_clients,
                 "bytes_per_client": int(sum(a.nbytes for a in self.global_weights)),
@@ -487,19 +528,22 @@ class FederatedRun:
 
     def _secure_aggregate(self, rnd: int, updates: list[ClientUpdate]) -> tuple[Weights, dict]:
         """FedAvg under secure aggregation: clients protect ``[n_k w_k, n_k]``, the server
-        only adds payloads (:meth:`server_sum`), the key holders recover the mean; under
-        P-FedProx each client computes its own personalised model from the decoded sum.
-        (Each client checked its own update for NaN/inf before sending: ``check_updates``.)"""
+        only adds payloads (:meth:`server_sum`), the sum is opened (key holders decrypt, or
+        the survivors' shares unmask it) only for ``privacy.min_clients`` contributors or
+        more (else :class:`TooFewContributors`: the round is skipped); under P-FedProx each
+        client computes its own personalised model from the decoded sum. (Each client
+        checked its own update for NaN/inf before sending: ``check_updates``.)"""
         ids = [u.name for u in updates]
+        require_contributors(len(ids), self.secure.min_clients, f"round {rnd}")
         self.secure.begin_round(rnd, ids, self.global_weights)
         payloads = {u.name: self.secure.client_payload(u.name, u.weights, u.num_examples)
                     for u in updates}  # client side
         total = self.server_sum(payloads)
-        mean = self.secure.finish(total, ids)
+        flat_sum, count = self.secure.decode_sum(total, ids)
+        mean = mean_from_sum(flat_sum, count, self.secure.layout, f"round {rnd}: {ids}")
         personal = {}
         personalise = self.fed.get("personalise")
         if personalise:
-            flat_sum, count = self.secure.decode_sum(total, ids)
             personal = {u.name: personalise_from_sum(u.weights, u.num_examples, flat_sum, count,
                                                      self.secure.layout,
                                                      own=float(personalise.own))
@@ -527,6 +571,8 @@ class FederatedRun:
         out: dict = {"per_client": {}}
         preds: dict[str, list] = {kind: [] for kind in models}
         labels = []
+        from mer.engine.protocols import refuse_non_finite
+
         for c in self.clients:
             if len(c.test_idx) == 0:
                 continue
@@ -534,7 +580,12 @@ class FederatedRun:
             labels.append(y)
             row = {}
             for kind, weights_of in models.items():
-                pred = self.predict(weights_of(c), c).argmax(1)
+                probs = self.predict(weights_of(c), c)
+                refuse_non_finite(probs, self.samples, c.test_idx,
+                                  f"client {c.name} with the {kind} model", fix=(
+                                      "The federated model diverged: lower model.lr or "
+                                      "federated.server_opt.lr; nothing was scored."))
+                pred = probs.argmax(1)
                 preds[kind].append(pred)
                 m = recognition_metrics(y, pred, names)
                 row[kind] = {k: m[k] for k in ("n", "uf1", "uar", "accuracy")}
@@ -597,19 +648,29 @@ class FederatedRun:
             self.central_dp.rng.bit_generator.state = rng_state
 
     def save(self) -> None:
-        """Write the state after a round, atomically (an interruption leaves the last one)."""
+        """Write the state after a round, atomically and with a checksum (an interruption
+        leaves the last one; a full disk is a WriteError naming the file)."""
         if self.checkpoint is None:
             return
-        self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, self.checkpoint)
+        from mer.data.io import atomic_save
+
+        atomic_save(self.state_dict(), self.checkpoint, kind="torch")
 
     def try_resume(self) -> bool:
-        """Load the checkpoint of an interrupted run of the same recipe, if there is one."""
+        """Load the checkpoint of an interrupted run of the same recipe, if there is one.
+
+        Raises CorruptFileError (naming the file and what to delete) if it cannot be read."""
         if self.checkpoint is None or not self.checkpoint.exists():
             return False
-        state = torch.load(self.checkpoint, weights_only=False)
+        from mer.data.io import CorruptFileError, checked_load
+
+        fix = ("delete it to start the federated run from round 0, or restore it from a "
+               "backup")
+        state = checked_load(self.checkpoint, kind="torch", what="federated checkpoint",
+                             fix=fix)
+        if not isinstance(state, dict) or "recipe" not in state:
+            raise CorruptFileError(f"federated checkpoint {self.checkpoint} is not a mer "
+                                   f"federated state; {fix}")
         if state["recipe"] != self.recipe_key():
             log.warning("not resuming from %s: it was written by a different recipe "
                         "(config or partition changed)", self.checkpoint)
@@ -651,14 +712,25 @@ def _train_in_worker(job: dict) -> tuple[ClientUpdate | Exception, ClientState, 
     return update, run.state[name], privacy.accountant.history if privacy else None
 
 
-def make_clients(cfg: DictConfig, samples: FlowSamples) -> list[ClientData]:
-    """The configured partition (``federated.partition``, ``federated.num_clients``)."""
+def make_clients(cfg: DictConfig, samples: FlowSamples,
+                 whole_federation: bool = True) -> list[ClientData]:
+    """The configured partition (``federated.partition``, ``federated.num_clients``).
+
+    Raises ConfigError when the clients made cannot serve the config (``federated.min_clients``
+    or ``privacy.min_clients`` above their number, faults naming no client...); not checked
+    with ``whole_federation=False`` (a lab holding only its own data, a Flower SuperNode).
+    """
     fed, seed = cfg.federated, int(cfg.seed)
     part, num_clients = fed.partition, fed.get("num_clients")
     if part.kind == "natural":
-        return natural_clients(samples, float(part.test_fraction), seed, num_clients)
-    return subject_clients(samples, int(num_clients or 3), part.kind,
-                           float(part.get("alpha", 0.5)), float(part.test_fraction), seed)
+        clients = natural_clients(samples, float(part.test_fraction), seed, num_clients)
+    else:
+        clients = subject_clients(samples, int(num_clients or 3), part.kind,
+                                  float(part.get("alpha", 0.5)), float(part.test_fraction), seed)
+    if whole_federation:
+        check_clients(cfg, [c.name for c in clients],
+                      f"made by the {part.kind} partition of the data")
+    return clients
 
 
 def client_summary(samples: FlowSamples, clients: list[ClientData]) -> dict:
@@ -703,8 +775,9 @@ def run_federated(cfg: DictConfig, samples: FlowSamples, clients: list[ClientDat
         "final": final, "curves": run.curves, "rounds": stats,
         "resumed_after_round": resumed_from or None,
         "excluded_updates": run.excluded, "client_failures": run.failures,
-        "counts": {kind: sum(len(r[kind]) for r in stats)
-                   for kind in ("dropped", "failed", "late", "excluded", "stragglers")},
+        "counts": {**{kind: sum(len(r[kind]) for r in stats)
+                      for kind in ("dropped", "failed", "late", "excluded", "stragglers")},
+                   "skipped_rounds": sum(1 for r in stats if r.get("skipped"))},
         "server_s_per_round": float(np.mean([r["server_s"] for r in stats])),
         "privacy": {"name": run.privacy_name, **run.epsilons()},
         "bytes_per_client_per_round": stats[-1]["bytes_per_client"],

@@ -31,7 +31,8 @@ Every optimiser has ``state_dict()`` / ``load_state_dict()`` with numpy arrays o
 
 from __future__ import annotations
 
-from typing import Literal
+import inspect
+from typing import Any, Literal
 
 import numpy as np
 
@@ -255,3 +256,36 @@ class FedAdagrad(ServerOptimizer):
         return [
             xi + self.eta * mi / (np.sqrt(vi) + self.tau) for xi, mi, vi in zip(x, self.m, self.v)
         ]
+
+
+OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
+    "sgd": ServerSGD, "fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad,
+}
+"""``federated.server_opt.name`` -> class (``conf/federated/server_opt/*.yaml``)."""
+
+
+def settings_of(name: str) -> list[str]:
+    """The keyword arguments the server optimiser ``name`` takes (its config keys)."""
+    return [p for p in inspect.signature(OPTIMIZERS[name].__init__).parameters if p != "self"]
+
+
+def create_server_optimizer(name: str, key: str = "federated.server_opt",
+                            **settings: Any) -> ServerOptimizer:
+    """The server optimiser ``name`` built from its ``settings`` (``key``: where they come from,
+    for messages).
+
+    Raises:
+        ValueError: an unknown name, or a setting the optimiser does not take (each named
+            ``<key>.<setting>``, with the settings it takes and the config that holds them).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"{key}.name={name} is not a server optimiser: use one of "
+                         f"{sorted(OPTIMIZERS)} (federated/server_opt=<name>)")
+    allowed = settings_of(name)
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{', '.join(f'{key}.{k}' for k in unknown)}: not a setting of server optimiser "
+            f"{name} ({OPTIMIZERS[name].__name__}), which takes {allowed}. Pick its config "
+            f"whole with federated/server_opt={name}, or remove the key(s)")
+    return OPTIMIZERS[name](**settings)

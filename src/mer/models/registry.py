@@ -40,4 +40,14 @@ def list_models() -> list[str]:
 
 def _import_all() -> None:
     # Importing the model modules runs their @register_model decorators.
-    from mer.models import dpk_gat, htnet, offapexnet, ststnet, timm_backbone  # noqa: F401
+    from mer.models import (  # noqa: F401
+        dense_attention,
+        dpk_gat,
+        frozen_head,
+        htnet,
+        mfdan,
+        mpfnet,
+        offapexnet,
+        ststnet,
+        timm_backbone,
+    )

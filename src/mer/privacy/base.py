@@ -8,6 +8,9 @@ A round under secure aggregation, for clients k = 1..K with weights ``w_k`` (L a
     total = agg.server_sum({k: payload_k, ...})      # server side: only sees payloads
     mean = agg.finish(total, survivors)              # key holder / unmasking: sum n_k w_k / N
 
+No sum of fewer than ``min_clients`` contributors is ever opened: :meth:`decode_sum` raises
+:class:`TooFewContributors`, and the loop skips the round (global model unchanged).
+
 Every model is flattened into one float64 vector ``[n_k * w_k (all layers, state-dict order),
 n_k]``: the example count travels in the last slot, so the sum carries ``N = sum n_k`` and
 the server never sees an individual count either. :meth:`SecureAggregation.decode_sum`
@@ -86,6 +89,32 @@ def weighted_vector(weights: Weights, n: int) -> np.ndarray:
     return np.append(flatten(weights) * float(n), float(n))
 
 
+class TooFewContributors(ValueError):
+    """A protected aggregate of fewer contributors than ``privacy.min_clients`` (or than a
+    protocol's threshold): the round is skipped and the sum never opened, never an abort."""
+
+
+def require_contributors(count: int, min_clients: int, who: str) -> None:
+    """Raise :class:`TooFewContributors` when ``count < min_clients``."""
+    if count < min_clients:
+        raise TooFewContributors(
+            f"{who}: {count} contributor(s) < privacy.min_clients={min_clients}: a sum of so "
+            "few would expose individual updates; the round is skipped (global model "
+            "unchanged)")
+
+
+def check_finite(weights: Weights, who: str) -> None:
+    """Refuse NaN / inf in a model before it is protected (a range check alone lets NaN
+    through: ``nan >= bound`` is False)."""
+    for i, a in enumerate(weights):
+        bad = ~np.isfinite(np.asarray(a, np.float64))
+        if bad.any():
+            raise ValueError(f"{who}: non-finite values in array {i} (shape "
+                             f"{np.shape(a)}, {int(bad.sum())} of them, first at flat index "
+                             f"{int(np.flatnonzero(bad)[0])}); the update diverged: check the "
+                             "learning rate, or leave this client out of the round")
+
+
 class SecureAggregation(ABC):
     """Example-weighted sum of client models where the server sees no individual update.
 
@@ -107,6 +136,11 @@ class SecureAggregation(ABC):
             raise ValueError(f"{self.name}: duplicate client ids {list(client_ids)}")
         self.rnd, self.round_clients = int(rnd), [str(c) for c in client_ids]
         self.layout = Layout.of(template)
+
+    @property
+    def min_clients(self) -> int:
+        """The fewest contributors whose sum may be opened (``privacy.min_clients``)."""
+        return int(getattr(getattr(self, "params", None), "min_clients", 3))
 
     def _require_client(self, client_id: str) -> None:
         if self.layout is None:

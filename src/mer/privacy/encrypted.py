@@ -25,6 +25,10 @@ plaintext FedAvg by about 1e-7 (``scripts/bench_privacy.py``). Sums must stay be
 
 What is revealed: nothing about an individual update to the server; the aggregate to every
 key holder (the clients), and to the server if it is sent back for a server optimiser step.
+A key holder decrypts no sum of fewer than ``min_clients`` contributors (default 3): with one,
+the "mean" would be that lab's model. Input that is not finite is refused before encryption.
+(CKKS itself does not survive a key holder colluding with the server: every lab holds the
+secret key. :mod:`mer.privacy.secagg` tolerates up to t - 1 colluding labs.)
 """
 
 from __future__ import annotations
@@ -37,7 +41,13 @@ from pathlib import Path
 import numpy as np
 import tenseal as ts
 
-from mer.privacy.base import SecureAggregation, Weights, weighted_vector
+from mer.privacy.base import (
+    SecureAggregation,
+    Weights,
+    check_finite,
+    require_contributors,
+    weighted_vector,
+)
 
 
 def _pack(chunks: list[bytes]) -> bytes:
@@ -74,6 +84,8 @@ class CKKSParams:
             the key parameters above are then those of the file.
         public_context: the server's context file (no secret key). Set alone, this party
             can add ciphertexts but neither encrypt nor decrypt: the server's role.
+        min_clients: the fewest contributors whose sum a key holder decrypts; a round with
+            fewer is skipped.
     """
 
     poly_modulus_degree: int = 8192
@@ -84,6 +96,12 @@ class CKKSParams:
     n_threads: int = 0
     secret_context: str | None = None
     public_context: str | None = None
+    min_clients: int = 3
+
+    def __post_init__(self) -> None:
+        if int(self.min_clients) < 2:
+            raise ValueError(f"ckks: privacy.min_clients must be >= 2 (a sum of one lab is "
+                             f"its update), got {self.min_clients}")
 
 
 def make_context(params: CKKSParams) -> ts.Context:
@@ -119,12 +137,57 @@ def write_key_files(params: CKKSParams, folder: str | Path) -> tuple[Path, Path]
     return secret, public
 
 
+def _varint(f, path: Path) -> int:
+    value, shift = 0, 0
+    while True:
+        byte = f.read(1)
+        if not byte:
+            raise ValueError(f"ckks: {path} ends inside a field: not a TenSEAL context file")
+        value |= (byte[0] & 0x7F) << shift
+        shift += 7
+        if not byte[0] & 0x80:
+            return value
+
+
+def holds_secret_key(path: str | Path) -> bool:
+    """Whether a TenSEAL context file carries a secret key, read from its framing alone.
+
+    The file is a ``TenSEALContextProto`` (tenseal/proto/tensealcontext.proto): field 3,
+    ``private_context``, holds the secret key. Only the field tags and lengths are read (the
+    fields' bytes are skipped with ``seek``), so a server handed the secret file by mistake
+    refuses it without the secret ever being read into memory or deserialised.
+    """
+    path = Path(path).expanduser()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        while f.tell() < size:
+            tag = _varint(f, path)
+            field, wire = tag >> 3, tag & 7
+            if wire == 0:
+                _varint(f, path)
+            elif wire == 2:
+                length = _varint(f, path)
+                if field == 3 and length > 0:
+                    return True
+                f.seek(length, 1)
+            elif wire in (1, 5):
+                f.seek(8 if wire == 1 else 4, 1)
+            else:
+                raise ValueError(f"ckks: {path} is not a TenSEAL context file (wire type "
+                                 f"{wire})")
+    return False
+
+
 def load_context(path: str | Path, private: bool) -> ts.Context:
-    """A context file as written by :func:`write_key_files`, checked for its role."""
+    """A context file as written by :func:`write_key_files`, checked for its role; the
+    server's (``private=False``) is checked before it is loaded (:func:`holds_secret_key`)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"ckks: no context file {path}; make the pair with "
                                 "python -m mer.privacy.keys --out DIR")
+    if not private and holds_secret_key(path):
+        raise PermissionError(f"ckks: {path} holds the secret key: the server must get "
+                              f"only {PUBLIC_FILE} (privacy.public_context); it was not loaded")
     try:
         ctx = ts.context_from(path.read_bytes())
     except Exception as e:
@@ -205,6 +268,7 @@ class CKKSAggregation(SecureAggregation):
     def client_payload(self, client_id: str, weights: Weights, n: int) -> bytes:
         self._require_client(client_id)
         self.layout.check(weights, f"ckks: client {client_id!r}")
+        check_finite(weights, f"ckks: client {client_id!r}")
         x = weighted_vector(weights, n)
         data_bits = sum(self.params.coeff_mod_bit_sizes[:-1])
         bound = 2.0 ** (data_bits - self.params.scale_bits - 1) / len(self.round_clients)
@@ -222,6 +286,10 @@ class CKKSAggregation(SecureAggregation):
         return add_encrypted(self.server_context, list(payloads.values()))
 
     def decode_sum(self, sum_payload: bytes, survivors: Sequence[str]) -> tuple[np.ndarray, float]:
+        """Decrypt the sum of the ``survivors``' payloads; refused (:class:`TooFewContributors`,
+        before any decryption) for fewer than ``min_clients`` of them."""
+        require_contributors(len(survivors), self.min_clients,
+                             f"ckks round {self.rnd}: survivors {list(survivors)}")
         vec = decrypt(self._key_holder("decrypt"), sum_payload)
         if len(vec) != self.layout.size + 1:
             raise ValueError(f"ckks: decrypted {len(vec)} values for a model of "

@@ -47,9 +47,13 @@ EMOTIONS = ("negative", "positive", "surprise", "others")
 _COLUMNS = ["subject", "expression", "onset", "apex", "offset", "au", "emotion", "type"]
 
 
-def _tree_and_sheet(root: Path, sheet: str | Path | None) -> tuple[Path, Path]:
-    tree = find_tree(root, ["rawpic", "rawpic_crop", "cropped", "CASME_sq/rawpic"], "s*",
+def _tree(root: Path) -> Path:
+    return find_tree(root, ["rawpic", "rawpic_crop", "cropped", "CASME_sq/rawpic"], "s*",
                      "CAS(ME)^2 rawpic/ folder (rawpic/s15/)")
+
+
+def _tree_and_sheet(root: Path, sheet: str | Path | None) -> tuple[Path, Path]:
+    tree = _tree(root)
     sheet = Path(sheet) if sheet else find_sheet(
         [root, tree.parent], ["*code_final*.xls*", "*.xlsx"], "CAS(ME)^2 code_final sheet")
     return tree, sheet
@@ -134,6 +138,15 @@ def _specs(root: Path, sheet: str | Path | None) -> tuple[list[dict], Path]:
             "au": r["au"], "emotion": r["emotion"],
         })
     return specs, sheet
+
+
+def list_casme_sq_videos(root: str | Path) -> list[dict]:
+    """Every video folder of the release, annotated or not (spotting counts false positives in
+    all of them): ``[{"subject": "s15", "video": "15_0101disgustingteeth", "frame_dir"}]``."""
+    tree = _tree(Path(root))
+    return [{"subject": s.name, "video": v.name, "frame_dir": v}
+            for s in sorted(tree.glob("s*")) if s.is_dir()
+            for v in sorted(s.iterdir()) if v.is_dir()]
 
 
 def read_casme_sq_intervals(

@@ -35,6 +35,15 @@ What the reader refuses or reports (nothing is dropped silently):
   select a subset of a folder, e.g. one database of the composite) and listed in the samples'
   ``excluded`` (reason: no row in the CSV) and ``provenance["unlisted_images"]``; a LOSO tree
   must match the CSV exactly (an image without a row is an error there).
+
+**AUs.** The format carries no AUs. ``sheets=`` (the databases' annotation sheets: a list, the
+database of each detected from its content, or ``{database: path}``) joins them by database,
+subject and clip (:func:`join_sheet_aus`): the cache's ``dataset`` names the database
+(:data:`DATASET_ALIASES`), subject ids are normalised explicitly (:func:`canonical_subject`:
+``1`` in the CASME II sheet is ``sub01`` in the cache, ``6`` in SAMM's is ``006``). SMIC has no
+AUs and stays masked. A clip without a sheet row is an error naming it, or, with
+``on_unmatched="mask"``, kept with its AU loss masked; either way the counts are printed and
+kept in ``provenance["au_join"]`` (results.json).
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import cv2
@@ -333,6 +343,8 @@ def read_flowcache(
     root: str | os.PathLike,
     csv: str | os.PathLike | None = None,
     class_names: tuple[str, ...] | list[str] = CLASS_NAMES,
+    sheets: list | dict | None = None,
+    on_unmatched: str = "raise",
 ) -> FlowSamples:
     """Read a flow cache into model-ready samples.
 
@@ -345,6 +357,8 @@ def read_flowcache(
         root: the cache folder.
         csv: the CSV file (absolute, or relative to ``root``).
         class_names: class index -> name, for the labels.
+        sheets: annotation sheets whose AUs are joined to the samples (:func:`join_sheet_aus`).
+        on_unmatched: ``raise`` (a clip without a sheet row is an error) or ``mask``.
 
     Returns:
         FlowSamples with x (N, 3, H, W) float32 in [0, 1] (channels u, v, strain); meta with
@@ -400,9 +414,209 @@ def read_flowcache(
     provenance = {"format": "flowcache", "root": str(root),
                   "csv": None if csv_path is None else str(csv_path), "layout": layout,
                   "unlisted_images": [p.name for p in unlisted]}
-    return FlowSamples(x=x, meta=meta, class_names=class_names, synthetic=synthetic,
-                       provenance=provenance,
-                       excluded=_unlisted_records(unlisted, source) if unlisted else [])
+    samples = FlowSamples(x=x, meta=meta, class_names=class_names, synthetic=synthetic,
+                          provenance=provenance,
+                          excluded=_unlisted_records(unlisted, source) if unlisted else [])
+    return join_sheet_aus(samples, sheets, on_unmatched) if sheets else samples
+
+
+# ------------------------------------------------------------------------------- AU join
+
+# The cache's ``dataset`` values (lower case) -> the database whose sheet gives its AUs.
+DATASET_ALIASES = {
+    "casme2": "casme2", "casmeii": "casme2", "casme_2": "casme2", "casme_ii": "casme2",
+    "samm": "samm",
+    "casme3": "casme3", "cas(me)3": "casme3", "cas(me)^3": "casme3", "casme^3": "casme3",
+    "smic": "smic", "smic-hs": "smic", "smic_hs": "smic", "smichs": "smic",
+}
+NO_AU_DATABASES = ("smic",)  # no AU annotation: masked, never unmatched
+# Subject ids, however written (cache or sheet) -> the form of the database's folders.
+SUBJECT_FORMS: dict[str, tuple[str, str]] = {
+    "casme2": (r"(?:sub)?0*([0-9]+)", "sub{:02d}"),   # 1, 01, sub1, sub01 -> sub01
+    "samm": (r"0*([0-9]+)", "{:03d}"),                # 6, 006 -> 006
+    "casme3": (r"spno\.?0*([0-9]+)", "spNO.{}"),      # spNO.1, spno1 -> spNO.1
+}
+_ON_UNMATCHED = ("raise", "mask")
+
+
+def canonical_subject(database: str, value: object) -> str | None:
+    """A subject id as the database's folders write it (``casme2``: ``1`` / ``sub1`` /
+    ``casme2_sub01`` -> ``sub01``; ``samm``: ``6`` / ``samm_006`` -> ``006``; ``casme3``:
+    ``spNO.1``), or None when ``value`` has no such form (never guessed)."""
+    text = str(value).strip()
+    if isinstance(value, float) and value.is_integer():
+        text = str(int(value))
+    if text.lower().startswith(f"{database}_"):  # write_flowcache's <database>_<subject>
+        text = text[len(database) + 1:]
+    pattern, fmt = SUBJECT_FORMS[database]
+    m = re.fullmatch(pattern, text, flags=re.IGNORECASE)
+    return fmt.format(int(m.group(1))) if m else None
+
+
+def _sheet_rows(path: Path) -> pd.DataFrame:
+    """A recognition sheet as ``subject, clip, onset, au, row`` (raw cells)."""
+    from mer.data.databases.common import DatabaseError, find_columns, read_table
+
+    try:
+        df = read_table(path, keys=("Subject", "Filename"))
+        col = find_columns(df, path, keys=("subject", "clip", "onset", "aus"))
+    except DatabaseError as exc:
+        raise FlowCacheError(f"AU sheet {path}: {exc}") from None
+    return pd.DataFrame({"subject": df[col["subject"]], "clip": df[col["clip"]],
+                         "onset": df[col["onset"]], "au": df[col["aus"]], "row": df["_row"]})
+
+
+def sheet_database(path: str | os.PathLike, rows: pd.DataFrame | None = None) -> str:
+    """The database an annotation sheet belongs to, from its content: CAS(ME)^3 subjects are
+    ``spNO.<n>``, SAMM clips ``<nnn>_<n>_<n>``, CASME II clips ``EP<nn>_<nn>...``; the kind
+    most rows show. FlowCacheError when no kind fits most rows."""
+    rows = _sheet_rows(Path(path)) if rows is None else rows
+    subjects, clips = rows["subject"].astype(str), rows["clip"].astype(str)
+    votes = {"casme3": subjects.str.fullmatch(r"spNO\.[0-9]+", case=False).mean(),
+             "samm": clips.str.fullmatch(r"[0-9]{3}_[0-9]+_[0-9]+").mean(),
+             "casme2": clips.str.fullmatch(r"EP[0-9]+_[0-9]+\w*", case=False).mean()}
+    best = max(votes, key=votes.get)
+    if len(rows) == 0 or votes[best] < 0.5:
+        raise FlowCacheError(f"cannot tell which database the sheet {path} belongs to (its "
+                             "subjects and clips look like none of CASME II, SAMM, "
+                             "CAS(ME)^3); give it by name: data.sheets={casme2: " + str(path)
+                             + "}")
+    return best
+
+
+def _sheet_table(database: str, path: Path, rows: pd.DataFrame) -> dict[tuple[str, str], dict]:
+    """``(subject, clip) -> {aus, au_raw, row}`` of one sheet, subjects normalised."""
+    from mer.data.aus import parse_au_string
+    from mer.data.databases.common import au_problem, onset_id, text_cell
+
+    table: dict[tuple[str, str], dict] = {}
+    for r in rows.to_dict("records"):
+        subject = canonical_subject(database, text_cell(r["subject"]))
+        clip = text_cell(r["clip"])
+        if subject is None or not clip:
+            raise FlowCacheError(f"{path} row {r['row']}: subject {r['subject']!r} / clip "
+                                 f"{r['clip']!r} is no {database} sample id; fix the row or "
+                                 "give the sheet of the right database")
+        if database == "casme3":  # mer's CAS(ME)^3 clip ids: <Filename>_<Onset>
+            clip = f"{clip}_{onset_id(r['onset'])}"
+        problem = au_problem(r["au"])
+        if problem:
+            raise FlowCacheError(f"{path} row {r['row']} ({subject} {clip}): {problem}; fix "
+                                 "the AU cell")
+        if (subject, clip) in table:
+            raise FlowCacheError(f"{path} rows {table[subject, clip]['row']} and {r['row']} "
+                                 f"are both {subject}/{clip}; keep one")
+        parsed = parse_au_string(r["au"])
+        table[subject, clip] = {"aus": parsed.aus, "au_raw": parsed.raw, "row": int(r["row"])}
+    return table
+
+
+def _given_sheets(sheets: list | Mapping | str | os.PathLike) -> dict[str, Path]:
+    """``{database: sheet}`` from a list (databases detected) or a mapping (checked)."""
+    out: dict[str, Path] = {}
+    if isinstance(sheets, str | os.PathLike):
+        sheets = [sheets]
+    items = [(str(k), p) for k, p in sheets.items()] if isinstance(sheets, Mapping) else \
+        [(None, p) for p in sheets]  # a list (or a Hydra ListConfig)
+    for name, p in items:
+        path = Path(str(p)).expanduser()
+        if not path.is_file():
+            raise FlowCacheError(f"AU sheet {path} not found; fix data.sheets")
+        detected = sheet_database(path)
+        if name is not None and name != detected:
+            raise FlowCacheError(f"data.sheets.{name}={path} looks like a {detected} sheet "
+                                 f"(its subjects and clips); give it as data.sheets.{detected}")
+        if detected in out:
+            raise FlowCacheError(f"two {detected} sheets in data.sheets ({out[detected]} and "
+                                 f"{path}); give one per database")
+        out[detected] = path
+    return out
+
+
+def join_sheet_aus(samples: FlowSamples, sheets: list | dict,
+                   on_unmatched: str = "raise") -> FlowSamples:
+    """Join the AUs of annotation ``sheets`` to flow-cache samples; meta gains ``aus`` (tuples),
+    ``au_raw`` and ``has_aus`` (the AU-loss mask: False for SMIC and unmatched clips).
+
+    Args:
+        samples: from :func:`read_flowcache`: meta ``database`` (the CSV's ``dataset``),
+            ``subject``, ``clip``.
+        sheets: ``[path, ...]`` (each sheet's database detected, :func:`sheet_database`) or
+            ``{database: path}`` (checked against the detection).
+        on_unmatched: ``raise``: a clip of a database other than SMIC without a sheet row is an
+            error naming it; ``mask``: kept, AU loss masked, listed in the report.
+
+    Returns:
+        The samples with the AU columns and ``provenance["au_join"]``: the sheets, the counts
+        matched / unmatched / without AUs, per database, and the unmatched clips.
+
+    Raises:
+        FlowCacheError: naming the sheet row, the cache's dataset or the clips at fault.
+    """
+    if on_unmatched not in _ON_UNMATCHED:
+        raise FlowCacheError(f"on_unmatched={on_unmatched!r}: use one of {_ON_UNMATCHED}")
+    given = _given_sheets(sheets)
+    tables = {db: _sheet_table(db, path, _sheet_rows(path)) for db, path in given.items()}
+    meta = samples.meta.copy()
+    unknown = sorted({str(d) for d in meta["database"]
+                      if str(d).strip().lower() not in DATASET_ALIASES})
+    if unknown:
+        raise FlowCacheError(
+            f"flow cache dataset '{unknown[0]}' names no database with AU sheets; the AU join "
+            f"knows {sorted(set(DATASET_ALIASES.values()))} (written e.g. "
+            f"{sorted(DATASET_ALIASES)[:6]}...): rename the dataset column of the cache's CSV")
+    aus, raw, has, unmatched = [], [], [], []
+    counts: dict[str, dict[str, int]] = {}
+    no_aus: dict[str, int] = {}
+    for r in meta.itertuples():
+        db = DATASET_ALIASES[str(r.database).strip().lower()]
+        c = counts.setdefault(db, {"matched": 0, "unmatched": 0})
+        hit, reason = None, ""
+        if db in NO_AU_DATABASES:
+            no_aus[db] = no_aus.get(db, 0) + 1
+        elif db not in tables:
+            reason = f"no sheet for {db} (data.sheets)"
+        else:
+            subject = canonical_subject(db, r.subject)
+            hit = tables[db].get((subject, str(r.clip).strip())) if subject else None
+            reason = "" if hit else (f"no row in {given[db]}" if subject else
+                                     f"subject id {r.subject!r} has no {db} form "
+                                     f"({SUBJECT_FORMS[db][1].format(1)})")
+        if reason:
+            c["unmatched"] += 1
+            unmatched.append({"database": db, "subject": str(r.subject), "clip": str(r.clip),
+                              "reason": reason})
+        elif hit is not None:
+            c["matched"] += 1
+        aus.append(hit["aus"] if hit else ())
+        raw.append(hit["au_raw"] if hit else "")
+        has.append(hit is not None)
+    per_db = {db: {**c, "sheet_rows": len(tables.get(db, {})),
+                   "sheet_rows_unused": len(tables.get(db, {})) - c["matched"]}
+              for db, c in sorted(counts.items()) if db not in NO_AU_DATABASES}
+    n_with = len(meta) - sum(no_aus.values())
+    line = (f"flow cache AUs: {sum(has)} of {n_with} clips matched to "
+            f"{', '.join(f'{db} {path.name}' for db, path in given.items())}"
+            + "".join(f"; {db} {c['matched']}/{c['matched'] + c['unmatched']}"
+                      for db, c in per_db.items())
+            + f"; {len(unmatched)} unmatched"
+            + "".join(f"; {db} {n} clips have no AUs (masked)" for db, n in no_aus.items()))
+    if unmatched and on_unmatched == "raise":
+        shown = ", ".join(f"{u['database']}/{u['subject']}/{u['clip']} ({u['reason']})"
+                          for u in unmatched[:5])
+        more = f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
+        raise FlowCacheError(
+            f"AU join: {len(unmatched)} of {n_with} clips have no AUs: {shown}{more}. Check "
+            "the sheets (data.sheets) and the cache's ids, or set data.on_unmatched=mask to "
+            "train them with their AU loss masked (listed in results.json)")
+    print(line)
+    meta["aus"], meta["au_raw"], meta["has_aus"] = aus, raw, has
+    provenance = {**samples.provenance, "au_join": {
+        "sheets": {db: str(p) for db, p in given.items()}, "matched": int(sum(has)),
+        "unmatched": len(unmatched), "no_aus": no_aus, "per_database": per_db,
+        "unmatched_clips": unmatched, "on_unmatched": on_unmatched}}
+    return FlowSamples(samples.x, meta, samples.class_names, samples.excluded,
+                       samples.synthetic, provenance, samples.landmarks)
 
 
 # ----------------------------------------------------------------------------------- writing

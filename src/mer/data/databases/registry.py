@@ -10,7 +10,7 @@
 ``read_database(name, root, sheet=None, on_error="raise", **options)``:
 
 - ``name``: one of :data:`DATABASES` (``casme2, samm, smic, casme_sq, casme3, samm_lv, mmew,
-  fourdme``).
+  fourdme, dfme``).
 - ``root``: the release folder (each reader's docstring shows the layout it expects; the
   folder above the release's top folder works too).
 - ``sheet``: the annotation sheet, when it is not in ``root`` under its release name.
@@ -23,7 +23,8 @@
 - ``options`` go to the reader: ``database`` (the name written into the table; default
   ``name``), ``emotions`` (the emotion words accepted), ``check_images`` (open the onset and
   apex images; default True), ``types`` (long videos: which expressions become samples,
-  default ``("micro",)``), ``micro_sheet`` (SAMM-LV: SAMM's micro sheet for emotions).
+  default ``("micro",)``), ``micro_sheet`` (SAMM-LV: SAMM's micro sheet for emotions),
+  ``parts`` (DFME: which of train / testA / testB).
 
 Returns ``(table, excluded)``: the sample table (``mer.data.samples.SAMPLE_COLUMNS``; apex -1
 where the database has none, e.g. SMIC) and ``[{"database", "subject", "clip", "reason"}]``.
@@ -42,6 +43,7 @@ from mer.data.databases.casme2 import read_casme2
 from mer.data.databases.casme3 import read_casme3
 from mer.data.databases.casme_sq import read_casme_sq, read_casme_sq_intervals
 from mer.data.databases.common import DatabaseError
+from mer.data.databases.dfme import read_dfme
 from mer.data.databases.fourdme import read_fourdme
 from mer.data.databases.mmew import read_mmew
 from mer.data.databases.samm import read_samm
@@ -66,6 +68,7 @@ DATABASES: dict[str, Callable[..., tuple[pd.DataFrame, list[dict]]]] = {
     "samm_lv": read_samm_lv,
     "mmew": read_mmew,
     "fourdme": read_fourdme,
+    "dfme": read_dfme,
 }
 LONG_VIDEO: dict[str, Callable[..., tuple[pd.DataFrame, list[dict]]]] = {
     "casme_sq": read_casme_sq_intervals,

@@ -15,6 +15,7 @@ Quirks written down here:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,11 +38,24 @@ from mer.data.databases.common import (
 FPS = 200.0
 
 
+def _tree(root: Path) -> Path:
+    return find_tree(root, ["SAMM_longvideos", "SAMM_longvideos_crop", "."], "[0-9]*_*",
+                     "SAMM_longvideos/ folder (SAMM_longvideos/006_1/)")
+
+
+def list_samm_lv_videos(root: str | Path) -> list[dict]:
+    """Every video folder of the release, annotated or not (spotting counts false positives in
+    all of them): ``[{"subject": "006", "video": "006_1", "frame_dir"}]``."""
+    return [{"subject": subject_id(v.name.split("_")[0], "{:03d}"), "video": v.name,
+             "frame_dir": v}
+            for v in sorted(_tree(Path(root)).iterdir())
+            if v.is_dir() and re.fullmatch(r"[0-9]+_[0-9]+", v.name)]
+
+
 def _specs(
     root: Path, sheet: str | Path | None, micro_sheet: str | Path | None
 ) -> tuple[list[dict], Path]:
-    tree = find_tree(root, ["SAMM_longvideos", "SAMM_longvideos_crop", "."], "[0-9]*_*",
-                     "SAMM_longvideos/ folder (SAMM_longvideos/006_1/)")
+    tree = _tree(root)
     sheet = Path(sheet) if sheet else find_sheet(
         [root, tree.parent], ["SAMM_LongVideos*.xls*", "*.xlsx"], "SAMM-LV release sheet")
     df = read_table(sheet, keys=("Subject", "Filename"))

@@ -338,6 +338,8 @@ class PreparedSet:
         hits, computed: clips found in the cache / computed now.
         remembered: failures listed from the cache (not tried again: same input as the run
             that failed); they are in ``failures`` too, their reason saying so.
+        matrix: (K, 2, 3) frame -> crop transform of each kept clip (for its face crops,
+            ``mer.data.inputs``).
     """
 
     x: np.ndarray
@@ -351,6 +353,7 @@ class PreparedSet:
     hits: int
     computed: int
     remembered: int = 0
+    matrix: np.ndarray | None = None
 
     def landmarks_at(self, size: int) -> np.ndarray:
         """(K, 68, 2) landmarks in the pixel frame of a ``size`` x ``size`` image."""
@@ -434,6 +437,7 @@ def prepare_table(
     x_hi = np.zeros((n, 3, size, size), np.float32)
     lms = np.full((n, 68, 2), np.nan, np.float32)
     apex = np.full(n, -1, np.int64)
+    matrix = np.zeros((n, 2, 3), np.float64)
     ok = np.zeros(n, bool)
     errors: dict[int, str] = {}
     stage_seconds = dict.fromkeys(STAGES, 0.0)
@@ -449,6 +453,7 @@ def prepare_table(
     def take(pos: int, entry: dict) -> None:
         x[pos], x_hi[pos] = entry["flow"], entry["flow_hi"]
         lms[pos], apex[pos], ok[pos] = entry["landmarks"], int(entry["apex"]), True
+        matrix[pos] = entry["matrix"]
 
     columns = [TextColumn("[bold]prepare {task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn()]
@@ -502,7 +507,7 @@ def prepare_table(
     kept = np.flatnonzero(ok)
     return PreparedSet(x[kept], x_hi[kept], lms[kept], apex[kept], kept, failures,
                        stage_seconds, {"hash": t1 - t0, "compute": t2 - t1}, hits, computed,
-                       remembered)
+                       remembered, matrix[kept])
 
 
 # ----------------------------------------------------------------------------- data configs
@@ -568,7 +573,7 @@ def prepared_images(
             "computed": res.computed, "remembered": res.remembered,
             "stage_seconds": res.stage_seconds,
             "phase_seconds": res.phase_seconds, "apex": res.apex.tolist(),
-            "config_id": config_id(data_cfg)}
+            "matrix": res.matrix, "config_id": config_id(data_cfg)}
     return res.x, res.kept, res.failures, landmarks, info
 
 
