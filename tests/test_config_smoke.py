@@ -106,6 +106,16 @@ def test_every_config_file_composes_and_passes_validation(group, option):
 # -- one tiny step per group ------------------------------------------------------------------
 
 
+def _tiny_preset(data) -> str:
+    """SynME's small size of the same draw (a stand-in's own ``dfme_tiny``), else ``tiny``."""
+    from mer.data.synthetic import PRESETS
+
+    preset = str(data.get("preset", "default"))
+    if data.get("kind") == "synme" and (preset.endswith("tiny") or f"{preset}_tiny" in PRESETS):
+        return preset if preset.endswith("tiny") else f"{preset}_tiny"
+    return "tiny"
+
+
 def shrunk(cfg, extra: list[str] | None = None, tiny_data: bool = True):
     """``cfg`` with every count in :data:`SHRINK` set to its small value (where larger), lists
     in :data:`SHRINK_LISTS` cut to their first item, one LOSO fold, one worker, SynME tiny
@@ -125,11 +135,10 @@ def shrunk(cfg, extra: list[str] | None = None, tiny_data: bool = True):
 
     with open_dict(cfg):
         walk(cfg)
-        if tiny_data and cfg.data.get("kind") == "synme":
-            from mer.data.synthetic import PRESETS  # a stand-in's own tiny size, if it has one
-
-            tiny = f"{cfg.data.get('preset', 'default')}_tiny"
-            cfg.data.preset = tiny if tiny in PRESETS else "tiny"
+        for data in (cfg.data if tiny_data else None,
+                     OmegaConf.select(cfg, "model.pretrain.data")):  # a pretraining set too
+            if data is not None and data.get("kind") in ("synme", "synme_lv"):
+                data.preset = _tiny_preset(data)
         if not cfg.get("federated"):
             cfg.protocol.fold_index, cfg.protocol.workers = 0, 1
         else:
@@ -163,10 +172,15 @@ def step_data(group, option, cfg, ctx):
     from mer.data.sources import DataConfigError, load_samples
 
     kind = cfg.data.kind
-    if kind == "synme":
+    if kind == "synme" and cfg.data.get("preset", "default") == "default" and \
+            not cfg.data.get("macro"):
         samples = load_samples(shrunk(cfg).data, cfg.paths.cache_dir)
         assert samples.synthetic and samples.x.shape[1:] == (3, 28, 28)
         assert set(samples.meta["database"]) == {"tinyA", "tinyB"}
+    elif kind == "synme":  # another SynME draw (a stand-in preset, the macro-expressions)
+        from mer.data.sources import synme_config
+
+        assert synme_config(shrunk(cfg).data).databases  # resolves; its experiment loads it
     elif kind == "flowcache":
         with open_dict(cfg):
             cfg.data.root = str(ctx["flowcache_root"])
@@ -308,14 +322,36 @@ def step_experiment(group, option, cfg, ctx):
     assert any(ctx["tmp_path"].iterdir())
 
 
-STEPS = {"data": step_data, "model": step_model, "protocol": step_recognition,
-         "trainer": step_recognition, "logger": step_recognition,
+def step_spotting(group, option, cfg, ctx):
+    """The spotter builds from its config (training one needs long videos: the spotting
+    experiments' steps)."""
+    from mer.spotting.registry import create_spotter
+
+    spotter = create_spotter(OmegaConf.to_container(cfg.spotting, resolve=True), seed=0)
+    assert spotter.name == cfg.spotting.name
+
+
+STEPS = {"spotting": step_spotting, "data": step_data, "model": step_model,
+         "protocol": step_recognition, "trainer": step_recognition, "logger": step_recognition,
          "federated": step_federated, "federated/server_opt": step_federated,
          "privacy": step_privacy, "paths": step_paths, "hydra": step_hydra,
          "hydra/launcher": step_hydra, "experiment": step_experiment}
 
 
-@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
+# An experiment on SynME tiny with every count shrunk is still up to minutes of CPU on 2
+# cores: beyond the two the README starts with, experiments' steps are `slow` (their fast
+# siblings: the compose-and-validate test above, and every option's own step).
+FAST_EXPERIMENTS = {"synme_ststnet", "fed_psyau"}
+
+
+def _step_params():
+    for group, option in OPTIONS:
+        slow = group == "experiment" and option not in FAST_EXPERIMENTS
+        yield pytest.param(group, option, id=f"{group}/{option}",
+                           marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("group, option", list(_step_params()))
 def test_every_config_file_runs_one_tiny_step(group, option, request, tmp_path):
     if group not in STEPS:
         pytest.fail(f"conf/{group}: a config group with no smoke step; add one to STEPS in "

@@ -162,4 +162,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main()
+    from mer.cli import user_errors_exit
+
+    user_errors_exit(main)()

@@ -352,6 +352,7 @@ RULES: tuple[Rule, ...] = (
     Rule("data.longvideo.redetect_seconds", Num(lo=0, open_lo=True, eg=1.0)),
     Rule("data.longvideo.track_error_px", Num(lo=0, open_lo=True, eg=1.0)),
     Rule("data.longvideo.chunk_frames", POS_INT),
+    Rule("data.longvideo.flow.finest_scale", Int(0)),
     # -- model
     Rule("model.name", OneOf(choices=_models)),
     Rule("model.lr", LR),
@@ -371,6 +372,18 @@ RULES: tuple[Rule, ...] = (
     Rule("model.kwargs.hidden", SIZE),
     Rule("model.kwargs.feature_dim", SIZE),
     Rule("model.kwargs.backbone_kwargs.dropout", DROPOUT),
+    Rule("model.kwargs.size", OneOf(choices=("small", "published"))),
+    Rule("model.kwargs.flow_size", SIZE, "= data.flow.out_size"),
+    Rule("model.kwargs.drop_key", DROPOUT, "DropKey rate on the attention logits"),
+    Rule("model.kwargs.saliency_scale", Num(lo=0, eg=2.0)),
+    Rule("model.kwargs.stage1_fraction", Prob(open_lo=True, open_hi=True, eg=0.5),
+         "share of the steps of training stage 1"),
+    Rule("model.kwargs.frames", Int(2, null=True)),
+    Rule("model.kwargs.image_size", Int(8, null=True)),
+    Rule("model.loss.kind", OneOf(choices=("ce", "focal"))),
+    Rule("model.loss.gamma", Num(lo=0, eg=2.0), "focal loss focusing"),
+    Rule("model.pretrain.epochs", POS_INT),
+    Rule("model.pretrain.batch_size", SIZE),
     Rule("model.loss.w_emotion", Num(lo=0, eg=0.2)),
     Rule("model.loss.w_au", Num(lo=0, eg=0.8)),
     Rule("model.prior.schedule", OneOf(choices=("decay", "fixed"))),
@@ -517,6 +530,10 @@ RULES: tuple[Rule, ...] = (
     Rule("hydra.launcher.max_num_timeout", COUNT),
     Rule("hydra.launcher.signal_delay_s", COUNT),
 )
+# a data config inside another key (a pretraining set) has the same rules as ``data``
+DATA_ELSEWHERE = ("model.pretrain.data",)
+RULES = RULES + tuple(Rule(f"{where}.{r.key[len('data.'):]}", r.check, r.note)
+                      for where in DATA_ELSEWHERE for r in RULES if r.key.startswith("data."))
 from mer.spotting.checks import RULES as _SPOTTING_RULES  # noqa: E402 (needs the names above)
 
 RULES = RULES + _SPOTTING_RULES

@@ -32,6 +32,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from mer.cli import user_errors_exit
 from mer.config_check import check_or_exit
 from mer.run import CONFIG_DIR
 
@@ -158,6 +159,7 @@ def prepare(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+@user_errors_exit
 def main(cfg: DictConfig) -> None:
     """Preprocess ``cfg.data`` into the cache and write the prepare report."""
     check_or_exit(cfg)  # every problem of the config on stderr, exit 2, before any work

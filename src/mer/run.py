@@ -20,6 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from mer.cli import user_errors_exit
 from mer.config_check import check_or_exit
 from mer.engine.runlock import one_run_per_folder
 
@@ -58,6 +59,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+@user_errors_exit  # mer's own errors: "mer: <message>", exit 2, no stack trace
 @one_run_per_folder  # one run per hydra.run.dir (.mer.lock); SIGTERM unwinds (resume=true)
 def main(cfg: DictConfig) -> float:
     """Run the experiment a config describes; returns the overall UF1 (for sweepers). A bad

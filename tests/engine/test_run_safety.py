@@ -329,3 +329,44 @@ def test_summary_warns_about_absent_classes(tmp_path, capsys):
     _print_summary(results, tmp_path)
     out = capsys.readouterr().out
     assert "surprise" in out and "absent" in out
+
+
+def test_a_saved_fold_copied_over_another_is_refused(tmp_path):
+    """A valid fold file copied under another fold's name is not resumed as that fold."""
+    samples = tiny_samples()
+    folds = loso_folds(samples)[:2]
+    run_folds(samples, folds, SPEC, workers=1, show_progress=False, done_dir=tmp_path)
+    first, second = (tmp_path / f"{_n}.npz" for _n in ("db0_sub00", "db0_sub01"))
+    assert second.exists()
+    second.write_bytes(first.read_bytes())
+    with pytest.raises(Exception, match="holds fold 'db0/sub00', not 'db0/sub01'") as err:
+        run_folds(samples, folds, SPEC, workers=1, show_progress=False, done_dir=tmp_path,
+                  resume=True)
+    assert type(err.value).__name__ == "CorruptFileError"
+
+
+def test_mer_errors_reach_the_user_without_a_traceback(tmp_path):
+    """mer.run prints mer's own errors as `mer: <message>` and exits 2; bugs keep their trace."""
+    import subprocess
+    import sys
+
+    sheet = tmp_path / "CASME2-coding.xlsx"
+    sheet.write_text("not a spreadsheet")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mer.run", "data=casme2", f"data.root={tmp_path}",
+         f"hydra.run.dir={tmp_path / 'run'}", "progress=false"],
+        capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "MER_CACHE_DIR": str(tmp_path / "cache")})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"mer: annotation sheet {sheet} cannot be read" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_user_error_sorting():
+    from mer.cli import is_user_error
+    from mer.data.databases.common import DatabaseError
+    from mer.data.io import WriteError
+
+    assert is_user_error(DatabaseError("x")) and is_user_error(WriteError("/p", "disk full"))
+    assert not is_user_error(ValueError("x")) and not is_user_error(KeyError("x"))

@@ -166,3 +166,32 @@ def test_wrong_flow_size_names_the_sample_and_the_fix():
     with pytest.raises(InputError, match=r"db/s0/c0 \(sheet row 2\).*28x28.*3x64x64.*"
                                          r"data\.flow\.out_size=28"):
         build_module(MODEL_CFG, _toy(size=64), np.arange(3))
+
+
+def test_apex_crop_uses_the_crop_transform_of_mer_prepare(tmp_path):
+    """Prepared data: the apex crop is the frame warped by the clip's own transform, kept in
+    the prepare cache (here without a detector: the whole frame scaled to the crop)."""
+    import cv2
+
+    from mer.data.inputs import InputRequest, InputSource, compute
+    from mer.data.preprocess.align import warp
+    from mer.data.preprocess.prepared import PrepareParams, prepare_table
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "s1" / "c1"
+    folder.mkdir(parents=True)
+    for k in (1, 2, 3):
+        cv2.imwrite(str(folder / f"img{k}.png"), rng.integers(0, 255, (48, 64), np.uint8))
+    row = {"database": "db", "subject": "s1", "clip": "c1", "onset": 1, "apex": 3, "offset": 3,
+           "onset_path": str(folder / "img1.png"), "apex_path": str(folder / "img3.png"),
+           "row": 2, "fps": 100.0}
+    params = PrepareParams(detector="none", size=32, out_size=16, method="farneback")
+    res = prepare_table(pd.DataFrame([row]), params, progress=False)
+    assert res.matrix.shape == (1, 2, 3)
+    src = InputSource([row], matrices=res.matrix, crop_size=32)
+    crop = compute(src, InputRequest("apex_crop", 16))
+    apex = cv2.imread(str(folder / "img3.png"), cv2.IMREAD_GRAYSCALE)
+    expected = cv2.resize(warp(apex, res.matrix[0], 32), (16, 16), interpolation=cv2.INTER_AREA)
+    np.testing.assert_allclose(crop[0, 0] * 255, expected, atol=0.51)
+    onset = compute(src, InputRequest("onset_crop", 16))
+    assert np.abs(onset - crop).mean() > 0.03  # another frame (area-averaged noise)

@@ -43,6 +43,7 @@ def make_video(seed: int, database: str = "casme_sq", subject: str = "s01", fps:
     slot = (t_len - 2 * fps) / max(1, len(kinds))
     for i, kind in enumerate(kinds):
         dur = rng.uniform(0.25, 0.45) if kind == "micro" else rng.uniform(1.0, 2.0)
+        dur = min(dur, 0.7 * slot / fps)  # expressions never overlap nor pass the end
         n = int(dur * fps)
         onset = int(cursor + i * 0 + rng.uniform(0, max(1, slot - n - fps * 0.5)))
         onset = max(onset, int(cursor))

@@ -63,7 +63,9 @@ def test_split_subjects_is_per_database_and_leaves_fit_subjects(standin_videos):
     assert {k.split("/")[0] for k in vk} == {"casme_sq", "samm_lv"}  # each lab has val subjects
 
 
-@pytest.mark.parametrize("name", ["mdmd", "apex_score", "me_tst", "mesfusion"])
+@pytest.mark.parametrize("name", ["mdmd", "apex_score",  # the two branches of Spotter.fit
+                                  pytest.param("me_tst", marks=pytest.mark.slow),
+                                  pytest.param("mesfusion", marks=pytest.mark.slow)])
 def test_nothing_of_the_test_subject_is_used_before_spotting(name, standin_videos, monkeypatch):
     """Every threshold, peak parameter and weight is chosen without the test subject: fit()
     never sees its videos, and changing the test subject's ground truth or features changes
@@ -109,7 +111,8 @@ def test_run_spotting_writes_the_megc_outputs(standin, tmp_path, monkeypatch):
     from mer.run import CONFIG_DIR
     from mer.spotting import runner
 
-    videos = standin(3, 20.0) + standin(2, 8.0, {"samm_lv": 200.0}, seed=3)
+    videos = standin(3, 12.0) + standin(2, 6.0, {"samm_lv": 200.0}, seed=3, n_micro=2,
+                                        n_macro=1)
     monkeypatch.setattr(runner, "load_videos", lambda data, cache: (
         videos, {"source": "standin", "synthetic": True, "excluded": [
             {"database": "casme_sq", "subject": "s09", "clip": "x", "reason": "test"}]}))

@@ -19,7 +19,10 @@ import torch
 from torch.nn import functional as F
 
 LOSS_KINDS = ("ce", "focal")
-_KEYS = {"ce": {"kind"}, "focal": {"kind", "gamma", "alpha"}}
+# w_emotion / w_au weigh the AU networks' losses (AUMERModule): an experiment that sweeps
+# over models sets them for every model; emotion-only networks have no AU loss to weigh
+_AU_KEYS = {"w_emotion", "w_au"}
+_KEYS = {"ce": {"kind"} | _AU_KEYS, "focal": {"kind", "gamma", "alpha"} | _AU_KEYS}
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
@@ -68,6 +71,8 @@ def resolve_loss(cfg: dict | None, train_labels: np.ndarray | None,
             raise ValueError(f"model.loss.alpha={alpha!r}: null, 'balanced' or a list of "
                              f"{num_classes} class weights")
         alpha = [float(a) for a in alpha]
+    for k in _AU_KEYS:
+        cfg.pop(k, None)
     if kind == "focal":
         cfg["gamma"] = float(cfg.get("gamma", 2.0))
         if cfg["gamma"] < 0:

@@ -413,6 +413,9 @@ def _load_done(done_dir: Path, spec: dict, folds: list[Fold]) -> dict[str, dict]
         if missing:
             raise CorruptFileError(f"saved fold {fold.name} {path} lacks {sorted(missing)}; "
                                    f"{fix}")
+        if "fold" in f and str(f["fold"]) != fold.name:
+            raise CorruptFileError(f"{path} holds fold {str(f['fold'])!r}, not {fold.name!r} "
+                                   f"(a file copied or renamed by hand); {fix}")
         if str(f["recipe"]) != key or len(f["probs"]) != len(fold.test_idx):
             log.warning("not resuming fold %s: %s was saved by a different recipe (config "
                         "changed); training it again", fold.name, path)

@@ -100,7 +100,7 @@ def _specs(root: Path, sheet: str | Path | None) -> tuple[list[dict], Path]:
     tree, sheet = _tree_and_sheet(Path(root), sheet)
     if not sheet.exists():
         read_sheet(sheet)  # raises the clear error
-    sheets = pd.read_excel(sheet, header=None, sheet_name=None)
+    sheets = read_sheet(sheet, header_row=None, sheet_name=None)
     first = next(iter(sheets.values()))
     if first.shape[1] < len(_COLUMNS):
         raise DatabaseError(f"{sheet}: the first sheet has {first.shape[1]} columns; expected "

@@ -26,14 +26,26 @@ class DatabaseError(ValueError):
     """A problem with a database on disk: the message names the file/row and the fix."""
 
 
-def read_sheet(path: Path, header_row: int | None = 0) -> pd.DataFrame:
-    """Read an annotation sheet (.xlsx/.xls/.csv); DatabaseError if it is absent."""
+def read_sheet(path: Path, header_row: int | None = 0, sheet_name: int | str | None = 0):
+    """Read an annotation sheet (.xlsx/.xls/.csv); DatabaseError naming the file if it is absent
+    or not a readable spreadsheet (a text file renamed, an empty or damaged file...)."""
     path = Path(path)
     if not path.exists():
         raise DatabaseError(f"annotation sheet not found: {path}. Point data.sheet at it.")
-    if path.suffix.lower() == ".csv":
-        return pd.read_csv(path, header=header_row)
-    return pd.read_excel(path, header=header_row)
+    try:
+        if path.suffix.lower() == ".csv":
+            return pd.read_csv(path, header=header_row)
+        return pd.read_excel(path, header=header_row, sheet_name=sheet_name)
+    except (ValueError, OSError, KeyError, IndexError, EOFError) as e:
+        if isinstance(e, DatabaseError):
+            raise
+        if isinstance(e, pd.errors.EmptyDataError) or path.stat().st_size == 0:
+            why = "it is empty"
+        else:
+            why = f"it is not a readable {path.suffix or 'spreadsheet'} file ({e})"
+        raise DatabaseError(f"annotation sheet {path} cannot be read: {why}. Point data.sheet "
+                            "at the release's annotation sheet, or re-save it from a "
+                            "spreadsheet program.") from e
 
 
 def _norm(text: object) -> str:
@@ -51,11 +63,7 @@ def read_table(
     record, for error messages. Blank rows are dropped.
     """
     path = Path(path)
-    raw = read_sheet(path, header_row=None) if path.suffix.lower() == ".csv" else None
-    if raw is None:
-        if not path.exists():
-            raise DatabaseError(f"annotation sheet not found: {path}. Point data.sheet at it.")
-        raw = pd.read_excel(path, header=None, sheet_name=sheet_name)
+    raw = read_sheet(path, header_row=None, sheet_name=sheet_name)
     wanted = [_norm(k) for k in keys]
     for h in range(min(len(raw), max_header_row)):
         cells = {_norm(c) for c in raw.iloc[h] if not _is_blank(c)}
