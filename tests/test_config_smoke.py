@@ -139,6 +139,8 @@ def shrunk(cfg, extra: list[str] | None = None, tiny_data: bool = True):
                      OmegaConf.select(cfg, "model.pretrain.data")):  # a pretraining set too
             if data is not None and data.get("kind") in ("synme", "synme_lv"):
                 data.preset = _tiny_preset(data)
+        if cfg.get("spot") is not None:  # spotting: one LOSO fold, no pictures
+            cfg.spot.fold_index, cfg.spot.timelines = [0], False
         if not cfg.get("federated"):
             cfg.protocol.fold_index, cfg.protocol.workers = 0, 1
         else:

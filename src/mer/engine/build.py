@@ -46,8 +46,13 @@ def prepare_inputs(model_cfg: dict, samples: FlowSamples) -> None:
     """Before any fold or client is trained: load ``model_cfg["pretrain"]``'s data into
     ``samples.pretrain`` and provide the network's named inputs for both (once, in this
     process, so that forked fold workers share them)."""
+    from mer.models.registry import MODELS, list_models
+
     kwargs = model_cfg.get("kwargs") or {}
     pre = model_cfg.get("pretrain")
+    if model_cfg["name"] in list_models() and not pre and \
+            not getattr(MODELS[model_cfg["name"]], "input_names", ()):
+        return  # the flow only: nothing to make (and no large network built for nothing)
     jobs = [samples]
     if pre:
         from mer.engine.transfer import check_config, load_pretrain_samples
