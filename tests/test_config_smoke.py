@@ -320,6 +320,13 @@ def step_experiment(group, option, cfg, ctx):
         if (CONF / key).is_dir():
             for value in str(values).split(","):
                 assert (CONF / key / f"{value.strip()}.yaml").exists(), (key, value)
+    if cfg.data.kind not in ("synme", "synme_lv", "flowcache"):  # real data, not here
+        from mer.data.sources import DataConfigError
+        from mer.run import run
+
+        with pytest.raises(DataConfigError, match=r"data\.roots?\b"):
+            run(shrunk(cfg), ctx["tmp_path"])
+        return
     _recognition_step(cfg, ctx["tmp_path"], ctx["flowcache_root"])
     assert any(ctx["tmp_path"].iterdir())
 
