@@ -141,12 +141,15 @@ class MERModule(L.LightningModule):
         return torch.softmax(self(batch), dim=1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = self.parameters()
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        if self.optimizer_name == "adamw":
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=0.9,
-                                   weight_decay=self.weight_decay)
-        raise ValueError(f"unknown optimizer '{self.optimizer_name}': adam, adamw or sgd")
+        return make_optimizer(self.parameters(), self.optimizer_name, self.lr, self.weight_decay)
+
+
+def make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The optimiser a model config names: adam, adamw, or sgd (momentum 0.9)."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer '{name}': adam, adamw or sgd")

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mer.engine.module import make_optimizer
+
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
@@ -124,15 +126,7 @@ class SpotModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = self.parameters()
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
-        if self.optimizer_name == "adamw":
-            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, momentum=0.9,
-                                   weight_decay=self.weight_decay)
-        raise ValueError(f"unknown optimizer '{self.optimizer_name}': adam, adamw or sgd")
+        return make_optimizer(self.parameters(), self.optimizer_name, self.lr, self.weight_decay)
 
 
 def fit_module(module: L.LightningModule, data: Dataset, epochs: int, batch_size: int,
