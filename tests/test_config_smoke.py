@@ -103,6 +103,16 @@ def test_every_config_file_composes_and_passes_validation(group, option):
         assert cfg[group] is not None
 
 
+@pytest.mark.parametrize("launcher", ["submitit_local", "submitit_slurm"])
+def test_the_plugins_own_launcher_configs_pass_validation(launcher):
+    """README says ``hydra/launcher=submitit_local`` (the plugin's own defaults, with
+    ``cpus_per_task: null``) works as well as mer's: the check must not refuse it."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = _compose([f"hydra/launcher={launcher}"], hydra_node=True)
+    assert cfg.hydra.launcher.cpus_per_task is None  # the plugin's default, left to submitit
+    check_config(cfg)
+
+
 # -- one tiny step per group ------------------------------------------------------------------
 
 

@@ -521,8 +521,8 @@ RULES: tuple[Rule, ...] = (
     Rule("dp_curve.settings.*.server_momentum", Prob(open_hi=True, eg=0.9)),
     # -- hydra/launcher (submitit; checked when the hydra node is given)
     Rule("hydra.launcher.timeout_min", POS_INT),
-    Rule("hydra.launcher.cpus_per_task", POS_INT),
-    Rule("hydra.launcher.gpus_per_node", COUNT),
+    Rule("hydra.launcher.cpus_per_task", Int(1, null=True), "null: submitit's default"),
+    Rule("hydra.launcher.gpus_per_node", Int(0, null=True), "null: submitit's default"),
     Rule("hydra.launcher.tasks_per_node", POS_INT),
     Rule("hydra.launcher.nodes", POS_INT),
     Rule("hydra.launcher.mem_gb", Num(lo=0, open_lo=True, null=True, eg=32)),
