@@ -144,3 +144,18 @@ def test_lodo_end_to_end_on_tiny_synme_holds_each_synthetic_database_out(tmp_pat
     assert (predictions["fold"] == predictions["database"]).all()  # held out in its own fold
     assert len(predictions) == results["metrics"]["overall"]["n"] == results["data"]["n_samples"]
     assert "lodo" in proc.stdout and "SYNTHETIC" in proc.stdout
+
+
+def test_cross_db_warns_of_test_classes_never_seen_in_training():
+    s = make_samples()
+    labels = s.meta["label"].to_numpy().copy()
+    labels[s.meta["database"].to_numpy() == "dbA"] = 0  # dbA (train) shows only class 0
+    labels[s.meta["database"].to_numpy() == "dbB"] = [1, 2] * 6
+    s.meta["label"] = labels
+    with pytest.warns(UserWarning, match=r"\['positive', 'surprise'\] \(12 test clips\)"):
+        cross_db_folds(s, ["dbA"], ["dbB"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cross_db_folds(s, ["dbA", "dbB"], ["dbC"])  # every class is trained on: no warning

@@ -142,7 +142,22 @@ def _database_fold(samples: FlowSamples, index: int, name: str, train: list[str]
                                            np.random.default_rng([seed, index]))
     fold = Fold(index, name, train_idx, test_idx, val_idx)
     check_split(samples, fold)
+    _warn_unseen_classes(samples, fold)
     return fold
+
+
+def _warn_unseen_classes(samples: FlowSamples, fold: Fold) -> list[str]:
+    """Warn (and return) the classes the fold tests on but never trains on: across databases a
+    class can be absent from the training side, and its test clips can only be misclassified."""
+    labels = samples.meta["label"].to_numpy()
+    unseen = sorted(set(labels[fold.test_idx]) - set(labels[fold.train_idx]))
+    names = [samples.class_names[int(c)] for c in unseen]
+    if names:
+        n = int(np.isin(labels[fold.test_idx], unseen).sum())
+        warnings.warn(f"fold '{fold.name}': class(es) {names} ({n} test clips) never appear in "
+                      "training; they count in UF1/UAR and can only be misclassified",
+                      stacklevel=3)
+    return names
 
 
 def _databases(samples: FlowSamples) -> list[str]:
