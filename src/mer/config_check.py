@@ -21,217 +21,42 @@ config; ``mer.run`` prints the error and exits with status 2 (:func:`check_or_ex
 from __future__ import annotations
 
 import inspect
-import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+# The check kinds and shared ranges live in mer.config_rules (no import circle with the
+# packages' own checks); imported here so that ``from mer.config_check import Int`` works.
+from mer.config_rules import (  # noqa: F401 (re-exported)
+    COUNT,
+    DROPOUT,
+    LR,
+    POS_INT,
+    SIZE,
+    WORKERS_AUTO,
+    Bool,
+    Check,
+    ConfigError,
+    Either,
+    Int,
+    ListOf,
+    Mapping,
+    Num,
+    OneOf,
+    Prob,
+    Rule,
+    Text,
+    _fmt,
+    _is_int,
+    _is_num,
+)
+from mer.paths import CONF_DIR
+
+CONF = CONF_DIR
 
 
-class ConfigError(ValueError):
-    """A config with one or more bad values; ``problems`` lists each (key, value, fix)."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        n = len(self.problems)
-        super().__init__(f"{n} problem{'s' if n > 1 else ''} in the config:\n"
-                         + "\n".join(f"  - {p}" for p in self.problems))
-
-
-# -- checks -----------------------------------------------------------------------------------
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return (isinstance(v, int | float) and not isinstance(v, bool)
-            and math.isfinite(float(v)))
-
-
-def _fmt(v: Any) -> str:
-    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-
-
-@dataclass(frozen=True)
-class Check:
-    """Base: ``ok(value)`` and a phrase for the message (``must be ...``)."""
-
-    null: bool = False       # None allowed (the code then uses its default)
-    words: tuple = ()        # extra allowed strings, e.g. ("auto",)
-
-    def ok(self, v: Any) -> bool:
-        return (v is None and self.null) or (isinstance(v, str) and v in self.words) \
-            or (v is not None and self._ok(v))
-
-    def _ok(self, v: Any) -> bool:
-        raise NotImplementedError
-
-    def _what(self) -> str:
-        raise NotImplementedError
-
-    def what(self) -> str:
-        extra = [f"'{w}'" for w in self.words] + (["null"] if self.null else [])
-        return self._what() + "".join(f" or {e}" for e in extra)
-
-    def example(self) -> str:
-        return self.words[0] if self.words else "..."
-
-
-@dataclass(frozen=True)
-class Num(Check):
-    """A finite number (``integer``: an int) within ``lo``/``hi``; ``open_lo``/``open_hi``
-    exclude the bound."""
-
-    lo: float | None = None
-    hi: float | None = None
-    open_lo: bool = False
-    open_hi: bool = False
-    integer: bool = False
-    eg: Any = None
-
-    def _ok(self, v: Any) -> bool:
-        if not (_is_int(v) if self.integer else _is_num(v)):
-            return False
-        if self.lo is not None and (v <= self.lo if self.open_lo else v < self.lo):
-            return False
-        return self.hi is None or (v < self.hi if self.open_hi else v <= self.hi)
-
-    def _what(self) -> str:
-        kind = "an integer" if self.integer else "a number"
-        if self.lo is not None and self.hi is not None:
-            return (f"{kind} in {'(' if self.open_lo else '['}{_fmt(self.lo)}, "
-                    f"{_fmt(self.hi)}{')' if self.open_hi else ']'}")
-        if self.lo is not None:
-            return f"{kind} {'>' if self.open_lo else '>='} {_fmt(self.lo)}"
-        if self.hi is not None:
-            return f"{kind} {'<' if self.open_hi else '<='} {_fmt(self.hi)}"
-        return kind
-
-    def example(self) -> str:
-        if self.eg is not None:
-            return _fmt(self.eg)
-        if self.lo is None:
-            return "0"
-        if self.hi is not None and (self.open_lo or self.open_hi):
-            return _fmt(round((self.lo + self.hi) / 2, 3))
-        return _fmt(self.lo + (1 if self.open_lo else 0))
-
-
-def Int(lo: int | None = None, hi: int | None = None, **kw: Any) -> Num:  # noqa: N802
-    """An integer within [lo, hi]."""
-    return Num(lo=lo, hi=hi, integer=True, **kw)
-
-
-def Prob(open_lo: bool = False, open_hi: bool = False, **kw: Any) -> Num:  # noqa: N802
-    """A probability or fraction in [0, 1] (bounds opened as asked)."""
-    return Num(lo=0, hi=1, open_lo=open_lo, open_hi=open_hi, **kw)
-
-
-@dataclass(frozen=True)
-class OneOf(Check):
-    """One of ``choices`` (a tuple, or a function returning them: read from the code)."""
-
-    choices: tuple | Callable[[], Sequence[str]] = ()
-
-    def options(self) -> list:
-        c = self.choices() if callable(self.choices) else self.choices
-        return list(c)
-
-    def _ok(self, v: Any) -> bool:
-        return any(v == c and type(v) is type(c) for c in self.options())
-
-    def _what(self) -> str:
-        return "one of " + ", ".join(_fmt(c) for c in self.options())
-
-    def example(self) -> str:
-        return _fmt(self.options()[0])
-
-
-@dataclass(frozen=True)
-class Bool(Check):
-    def _ok(self, v: Any) -> bool:
-        return isinstance(v, bool)
-
-    def _what(self) -> str:
-        return "true or false"
-
-    def example(self) -> str:
-        return "true"
-
-
-@dataclass(frozen=True)
-class Text(Check):
-    """A non-empty string (a name, a path)."""
-
-    def _ok(self, v: Any) -> bool:
-        return isinstance(v, str) and bool(v.strip())
-
-    def _what(self) -> str:
-        return "a non-empty string"
-
-
-@dataclass(frozen=True)
-class ListOf(Check):
-    """A list whose items all pass ``item``, with at least ``min_len`` items."""
-
-    item: Check = Text()
-    min_len: int = 0
-
-    def _ok(self, v: Any) -> bool:
-        return isinstance(v, list) and len(v) >= self.min_len and all(self.item.ok(x) for x in v)
-
-    def _what(self) -> str:
-        return (f"a list of {'at least ' + str(self.min_len) + ' ' if self.min_len else ''}"
-                f"items, each {self.item.what()}")
-
-    def example(self) -> str:
-        return f"[{self.item.example()}]"
-
-
-@dataclass(frozen=True)
-class Mapping(Check):
-    """A mapping (``{key: value}``)."""
-
-    def _ok(self, v: Any) -> bool:
-        return isinstance(v, dict)
-
-    def _what(self) -> str:
-        return "a mapping {key: value}"
-
-    def example(self) -> str:
-        return "{}"
-
-
-@dataclass(frozen=True)
-class Either(Check):
-    """Passes any of ``options``."""
-
-    options: tuple = ()
-
-    def _ok(self, v: Any) -> bool:
-        return any(o.ok(v) for o in self.options)
-
-    def _what(self) -> str:
-        return " or ".join(o.what() for o in self.options)
-
-    def example(self) -> str:
-        return self.options[0].example()
-
-
-@dataclass(frozen=True)
-class Rule:
-    """``key`` (dotted, ``*`` for one level) must pass ``check``; ``note`` says what it is."""
-
-    key: str
-    check: Check
-    note: str = ""
 
 
 # -- choices read from the code (imported only when a config is checked) --------------------
@@ -272,9 +97,9 @@ def _models() -> list[str]:
 
 
 def _rules() -> list[str]:
-    from mer.federated.loop import MEAN_RULES, ROBUST_RULES
+    from mer.federated.rules import RULES
 
-    return list(MEAN_RULES + ROBUST_RULES)
+    return RULES.names()
 
 
 def _server_optimizers() -> list[str]:
@@ -289,24 +114,28 @@ def _attacks() -> list[str]:
     return sorted(ATTACKS) + list(DATA_ATTACKS)
 
 
+def _label_schemes() -> list[str]:
+    from mer.data.labels import LABEL_SCHEMES
+
+    return LABEL_SCHEMES.names()
+
+
 def _privacy_names() -> list[str]:
-    return sorted(p.stem for p in (CONF / "privacy").glob("*.yaml"))
+    from mer.privacy import PRIVACY_MODES
+
+    return PRIVACY_MODES.names()
 
 
-LABEL_SCHEMES = ("composite", "casme2_5class", "emotion", "objective", "objective5")
 PARTITIONS = ("natural", "iid", "dirichlet", "quantity")
 SELECT = ("last", "val_uf1", "val_loss")
-POS_INT, COUNT = Int(1), Int(0)
-SIZE = Int(1)
-LR = Num(lo=0, open_lo=True, eg=1e-3)
-DROPOUT = Prob(open_hi=True, eg=0.5)
-WORKERS_AUTO = Int(1, words=("auto",))
 
 RULES: tuple[Rule, ...] = (
     # -- root
     Rule("name", Text()),
     Rule("seed", Int(0), "seeds numpy's generators, which take no negative seed"),
     Rule("resume", Bool()),
+    Rule("fidelity", OneOf(choices=("mer", "official")),
+         "official: FED-PsyAU as its authors' code does it (README fidelity table)"),
     Rule("progress", Bool()),
     # -- data
     Rule("data.name", Text()),
@@ -316,7 +145,7 @@ RULES: tuple[Rule, ...] = (
     Rule("data.families.*", OneOf(choices=_databases),
          "the real database a synthetic one imitates (its label exclusions)"),
     Rule("data.roots", Mapping()),
-    Rule("data.label_scheme", Either(options=(OneOf(choices=LABEL_SCHEMES), Mapping())),
+    Rule("data.label_scheme", Either(options=(OneOf(choices=_label_schemes), Mapping())),
          "a scheme name or an {emotion: class} mapping"),
     Rule("data.flow.method", OneOf(choices=_flow_methods)),
     Rule("data.flow.work_size", Int(8), "frames are resized to this side before the flow"),
@@ -386,7 +215,9 @@ RULES: tuple[Rule, ...] = (
     Rule("model.pretrain.batch_size", SIZE),
     Rule("model.loss.w_emotion", Num(lo=0, eg=0.2)),
     Rule("model.loss.w_au", Num(lo=0, eg=0.8)),
-    Rule("model.prior.schedule", OneOf(choices=("decay", "fixed"))),
+    Rule("model.prior.schedule", OneOf(choices=("decay", "fixed", "official"))),
+    Rule("model.kwargs.fidelity", OneOf(choices=("mer", "official"))),
+    Rule("model.kwargs.freeze_au", Bool(null=True)),
     Rule("model.prior.ratio", Prob()),
     # -- protocol
     Rule("protocol.name", OneOf(choices=("loso", "cross_db", "lodo"))),
@@ -421,6 +252,17 @@ RULES: tuple[Rule, ...] = (
     Rule("federated.rule.num_malicious", COUNT),
     Rule("federated.rule.num_to_keep", POS_INT),
     Rule("federated.mu", Num(lo=0, eg=0.01), "FedProx proximal weight"),
+    Rule("federated.mu_per_database", Mapping(null=True)),
+    Rule("federated.mu_per_database.*", Num(lo=0, eg=0.01),
+         "proximal weight of a database family (fidelity=official)"),
+    Rule("federated.prox_norm", OneOf(choices=("squared", "l2"), null=True)),
+    Rule("federated.prox_anchor", OneOf(choices=("global", "initial"), null=True)),
+    Rule("federated.personalise.mix_buffers", Bool(null=True)),
+    Rule("federated.client_optimizer", Mapping(null=True)),
+    Rule("federated.client_optimizer.name", OneOf(choices=("adam", "adamw", "sgd"))),
+    Rule("federated.client_optimizer.momentum", Prob(open_hi=True, null=True, eg=0.0)),
+    Rule("federated.client_optimizer.lr", Num(lo=0, open_lo=True, null=True, eg=0.01),
+         "null: model.lr"),
     Rule("federated.personalise.own", Prob()),
     Rule("federated.server_opt.name", OneOf(choices=_server_optimizers)),
     Rule("federated.server_opt.lr", LR),
@@ -480,11 +322,12 @@ RULES: tuple[Rule, ...] = (
     Rule("privacy.public_context", Text(null=True)),
     Rule("privacy.mask_bits", Int(8, 64)),
     Rule("privacy.frac_bits", Int(0, 62)),
-    Rule("privacy.min_survivors", Int(2)),
     Rule("privacy.min_clients", Int(2), "a sum of one lab would be its update"),
+    Rule("privacy.disclose_per_lab", Bool(), "each lab's own confusion matrix to the server"),
     Rule("privacy.threshold", Int(2, null=True)),
     # -- privacy audit
     Rule("audit.rounds", POS_INT),
+    Rule("audit.dp_curve", Text(null=True), "run directory of a +experiment=dp_curve run"),
     Rule("audit.inversion.samples", POS_INT),
     Rule("audit.inversion.steps", POS_INT),
     Rule("audit.settings", ListOf(item=Mapping(), min_len=1)),
@@ -534,9 +377,13 @@ RULES: tuple[Rule, ...] = (
 DATA_ELSEWHERE = ("model.pretrain.data",)
 RULES = RULES + tuple(Rule(f"{where}.{r.key[len('data.'):]}", r.check, r.note)
                       for where in DATA_ELSEWHERE for r in RULES if r.key.startswith("data."))
+from mer.privacy.stickers.checks import RULES as _STICKER_RULES  # noqa: E402 (the same)
 from mer.spotting.checks import RULES as _SPOTTING_RULES  # noqa: E402 (needs the names above)
 
-RULES = RULES + _SPOTTING_RULES
+RULES = RULES + _SPOTTING_RULES + _STICKER_RULES
+from mer.data.generate.checks import RULES as _GENERATE_RULES  # noqa: E402
+
+RULES = RULES + _GENERATE_RULES
 
 
 # -- walking the config -----------------------------------------------------------------------
@@ -826,14 +673,23 @@ def _cross_federated(tree: dict, whole_federation: bool = True) -> list[str]:
         return problems
     problems += _server_opt_keys(fed.get("server_opt"))
     rule = (fed.get("rule") or {}).get("name")
-    from mer.federated.loop import PRIVATE_RULES
+    from mer.federated.rules import RULES, rule_names
 
     if pname in ("ckks", "secagg", "central_dp") and isinstance(rule, str) and \
-            rule in _rules() and rule not in PRIVATE_RULES:
+            rule in RULES and RULES.get(rule).needs_individual_updates:
         problems.append(f"federated.rule.name={rule} cannot run under privacy={pname}: the "
                         "server never sees an individual update there (robust rules and "
-                        f"SCAFFOLD need them); use one of {list(PRIVATE_RULES)} (P-FedProx is "
-                        "fedprox), or another privacy")
+                        f"SCAFFOLD need them); use one of {list(rule_names(private=True))} "
+                        "(P-FedProx is fedprox), or another privacy")
+    from mer.federated.client_optim import scaffold_problem
+
+    if (problem := scaffold_problem(fed)) is not None:
+        problems.append(problem)
+    if tree.get("fidelity") == "official" and pname in ("ckks", "secagg"):
+        problems.append(f"fidelity=official cannot run under privacy={pname}: the FED-PsyAU "
+                        "authors' code has no encryption, and its parameter-only P-FedProx mix "
+                        "is not made from a protected sum; use fidelity=mer with "
+                        f"privacy={pname}, or privacy=none")
     if pname == "dp" and rule == "scaffold":
         problems.append("federated.rule.name=scaffold cannot run under privacy=dp: its gradient "
                         "correction would bypass DP-SGD's clipping and noise; use fedavg or "
@@ -889,6 +745,10 @@ def _cross_privacy(tree: dict) -> list[str]:
     """Fixed-point masks and CKKS: the bits must leave room for the values."""
     problems = []
     p = tree.get("privacy") or {}
+    if "min_survivors" in p:
+        from mer.privacy import RENAMED_MIN_SURVIVORS
+
+        problems.append(RENAMED_MIN_SURVIVORS.format(value=_fmt(p["min_survivors"])))
     mask, frac = p.get("mask_bits"), p.get("frac_bits")
     if _is_int(mask) and _is_int(frac) and frac > mask - 2:
         problems.append(f"privacy.frac_bits={frac} leaves no integer bits in "

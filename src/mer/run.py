@@ -8,6 +8,9 @@ Examples::
     python -m mer.run +experiment=fed_psyau privacy=ckks
     python -m mer.run +experiment=privacy_audit
     python -m mer.run +experiment=dp_curve
+    python -m mer.run +experiment=sticker_audit
+    python -m mer.run +experiment=generate_augment
+    python -m mer.run +experiment=deidentify
     python -m mer.run +experiment=spot_synme
     python -m mer.run +experiment=fed_spot
 """
@@ -23,8 +26,9 @@ from omegaconf import DictConfig
 from mer.cli import user_errors_exit
 from mer.config_check import check_or_exit
 from mer.engine.runlock import one_run_per_folder
+from mer.paths import CONF_DIR
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONFIG_DIR = str(CONF_DIR)  # kept: tests and scripts import it from here
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
@@ -32,8 +36,6 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     What :func:`main` does once Hydra has composed and checked the config (tests call it with
     a composed config)."""
-    from mer.engine.runner import run_federated_experiment, run_recognition
-
     if cfg.get("dp_curve"):
         from mer.experiments.dp_curve import run_dp_curve
 
@@ -46,14 +48,30 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         from mer.spotting.runner import headline, run_spotting
 
         return headline(run_spotting(cfg, run_dir))
+    if cfg.get("sticker_audit"):
+        from mer.experiments.sticker_audit import run_sticker_audit
+
+        return run_sticker_audit(cfg, run_dir)["success_by"]["placement"].get("causal", 0.0)
+    if cfg.get("generate_augment"):
+        from mer.experiments.generate_augment import run_generate_augment
+
+        return run_generate_augment(cfg, run_dir)["arms"]["with"]["overall"]["uf1"]
+    if cfg.get("deidentify"):
+        from mer.experiments.deidentify import run_deidentify
+
+        return run_deidentify(cfg, run_dir)["recognition"]["deidentified"]["uf1"]
     if cfg.get("audit"):
-        from mer.privacy.audit import run_audit
+        from mer.experiments.privacy_audit import run_audit
 
         report = run_audit(cfg, run_dir)
         return report["settings"][0]["uf1"]
     if cfg.get("federated"):
+        from mer.federated.runner import run_federated_experiment
+
         results = run_federated_experiment(cfg, run_dir)
         return results["federated"]["final"]["pooled_personalised"]["uf1"]
+    from mer.engine.runner import run_recognition
+
     results = run_recognition(cfg, run_dir)
     return results["metrics"]["overall"]["uf1"]
 

@@ -15,9 +15,9 @@ pytest.importorskip("flwr")
 from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from mer.engine.runner import log_wandb_federated  # noqa: E402
 from mer.federated import flower_app  # noqa: E402
 from mer.federated.loop import FederatedRun, make_clients  # noqa: E402
+from mer.federated.runner import log_wandb_federated  # noqa: E402
 
 
 class MemoryGrid:
@@ -254,8 +254,13 @@ def test_secure_aggregation_over_flower_gives_the_in_process_run(memory_flower, 
         assert [c[kind]["uf1"] for c in flower.curves] == \
             pytest.approx([c[kind]["uf1"] for c in local.curves], abs=0.05)
     kinds = [k for k, _ in grid.sent]
-    assert kinds.count("train") == kinds.count("query.secure_finish") == 3 * 2
-    assert kinds.count("query.secure_keys") == (3 * 2 if scheme == "secagg" else 0)
+    # 2 rounds of 3 labs; besides, one protected sum of the AU counts and one of the
+    # confusion matrices per evaluation (ckks: one key holder decrypts each; secagg: a key
+    # exchange for each)
+    assert kinds.count("train") == kinds.count("evaluate") == 3 * 2
+    assert kinds.count("query.secure_counts") == 3
+    assert kinds.count("query.secure_finish") == 3 * 2 + (1 + 2 if scheme == "ckks" else 0)
+    assert kinds.count("query.secure_keys") == (3 * (2 + 1 + 2) if scheme == "secagg" else 0)
     # what reached the server from training: protected bytes, never a model or its count
     trained = [(node, reply.content) for kind, node, reply in grid.received if kind == "train"]
     assert len(trained) == 6
@@ -292,7 +297,8 @@ def test_secagg_over_flower_recovers_a_client_lost_after_the_key_exchange(memory
     assert r1["failed"] == ["db0"] and r1["clients"] == ["db1", "db2"]
     assert r2["failed"] == [] and r2["clients"] == ["db0", "db1", "db2"]
     unmasks = [(node, reply.content) for kind, node, reply in grid.received
-               if kind == "query.secure_unmask"]
+               if kind == "query.secure_unmask"
+               and reply.content["config"]["purpose"] == "train"]
     assert [node for node, _ in unmasks] == [102, 103, 101, 102, 103]
     for _, content in unmasks[:2]:  # round 1: db0's key, the survivors' self masks
         assert set(content["s"]) == {"db0"} and set(content["b"]) == {"db1", "db2"}
@@ -390,11 +396,12 @@ def test_a_protected_round_with_one_contributor_is_skipped_over_flower(memory_fl
     server_cfg, node_cfg = _key_configs(cfg, tmp_path) if scheme == "ckks" \
         else (_with_privacy(cfg, SECAGG),) * 2
     flower, grid = memory_flower(server_cfg, samples, node_cfg)
+    before = len(grid.sent)  # the AU counts' sum, opened at the start
     r1 = flower.round(1)
     for a, b in zip(flower.global_weights, flower.initial_weights):
         np.testing.assert_array_equal(a, b)
     opened = {"query.secure_finish", "query.secure_reveal", "query.secure_unmask"}
-    assert not [k for k, _ in grid.sent if k in opened]
+    assert not [k for k, _ in grid.sent[before:] if k in opened]
     assert "min_clients" in str(r1["skipped"]) and r1["clients"] == ["db2"]
     r2 = flower.round(2)
     assert not r2["skipped"] and r2["clients"] == ["db0", "db1", "db2"]

@@ -2,7 +2,7 @@
 
 import math
 
-from mer.privacy.audit import audit_markdown, plot_audit
+from mer.experiments.privacy_audit import audit_markdown, plot_audit
 
 
 def _row(name, eps, delta):
@@ -23,3 +23,42 @@ def test_report_handles_no_dp_and_an_unbounded_epsilon(tmp_path):
     assert "SYNTHETIC" in table and "prior alone" in table
     plot_audit(report, tmp_path / "audit.png")  # sigma = 0 gives epsilon = inf: still drawn
     assert (tmp_path / "audit.png").stat().st_size > 1000
+
+
+def test_late_lab_and_single_survivor_teach_the_server_nothing_beyond_the_sum():
+    """The audit's secagg scenarios on four labs' [n w, n]: the late lab's masked input (held
+    by the server, outside the sum) and the lone survivor's (never unmasked) reconstruct no
+    better than the sum alone lets the server guess; the late-lab round still opens the
+    others' exact sum, the single-survivor round opens nothing."""
+    import numpy as np
+
+    from mer.experiments.privacy_audit import secagg_scenarios
+
+    rng = np.random.default_rng(0)
+    vectors = {f"lab{i}": np.append(rng.normal(size=50) * n, n)
+               for i, n in enumerate((12, 30, 7, 21))}
+    out = secagg_scenarios(vectors, "lab0")
+    late, alone = out["late_lab"], out["single_survivor"]
+    assert late["opened"] and late["released_sum_error"] < 1e-4  # the others' exact sum
+    assert not alone["opened"] and alone["released_sum_error"] is None
+    for r in (late, alone):
+        assert r["learned_nothing"] and r["held_error"] > 1e3  # uniform noise, not the lab
+    assert alone["sum_error"] == 1.0  # nothing released: no better than guessing zeros
+
+
+def test_the_report_holds_the_server_view_and_the_scenarios(tmp_path):
+    from mer.experiments.privacy_audit import dp_curve_figures
+
+    report = {"model": "ststnet", "rule": "fedavg", "rounds": 2, "clients": ["a", "b", "c"],
+              "synthetic": True, "settings": [_row("none", None, None)],
+              "scenarios": {"late_lab": {"target": "a", "opened": True, "held_error": 1e9,
+                                         "sum_error": 1.0, "learned_nothing": True}},
+              "dp_curve": None}
+    table = audit_markdown(report)
+    assert "| late lab | a | yes | 1e+09 | 1 | yes |" in table
+    assert "| `query` | `test-database, test-subject, test-clip, test-label`" in table
+    assert "audit.dp_curve=RUN_DIR" in table
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="audit.dp_curve=.*dp_curve.json"):
+        dp_curve_figures(str(tmp_path), tmp_path)

@@ -26,7 +26,12 @@ Configuration (all from the same Hydra config as ``python -m mer.run``):
 The server loads no data: a lab's ``query`` reply tells it the client's sizes, the test
 clips' ids and labels and the AU co-occurrence counts of its training split
 (:func:`describe`), from which :func:`discover` makes a stand-in ``FlowSamples`` without a
-single flow image.
+single flow image. Under secure aggregation (``privacy=secagg | ckks``) the reply carries
+none of these: the counts go inside the protected train sum, the AU counts through
+``query.secure_counts`` (one protected vector per lab, only the sum opened) and the test
+results as protected confusion matrices in the ``evaluate`` reply (only their sum opened:
+the pooled figures; per-lab figures only with ``privacy.disclose_per_lab=true``). README's
+table (:mod:`mer.privacy.exposure`) lists every field and who sees it.
 
 Message types: ``query`` (which client is this node; see above), ``train`` (local training from the
 sent model; replies weights, example count, steps, seconds, SCAFFOLD's control delta) and
@@ -35,9 +40,11 @@ node keeps between rounds (its last local model for FedBN, its SCAFFOLD control)
 the node's ``context.state``; personalised models are made by the server, as in the loop.
 
 Under secure aggregation (``privacy=ckks | secagg``) a train reply carries only the protected
-``[n w, n]``, and more types take part: ``query.secure_keys``, ``query.secure_shares`` and
-``query.secure_unmask`` (the steps of secagg's threshold protocol, :mod:`mer.privacy.secagg`)
-and ``query.secure_finish`` (the sum back to the survivors: ckks decryption; P-FedProx models,
+``[n w, n]`` (no example count, steps or seconds), and more types take part:
+``query.secure_keys``, ``query.secure_shares`` and ``query.secure_unmask`` (the steps of
+secagg's threshold protocol, :mod:`mer.privacy.secagg`; with a ``purpose``: train, counts or
+eval, each with its own keys), ``query.secure_counts`` (the protected AU counts) and
+``query.secure_finish`` (the sum back to the survivors: ckks decryption; P-FedProx models,
 then made and kept by the nodes). See the notes above :func:`protected_reply`. A protected
 sum of fewer than ``privacy.min_clients`` labs is never opened: the round is skipped.
 """
@@ -64,16 +71,18 @@ from mer.data.samples import FlowSamples
 from mer.federated import aggregators
 from mer.federated.loop import ClientState, ClientUpdate, FederatedRun, Weights, make_clients
 from mer.federated.partition import ClientData
+from mer.paths import CONF_DIR
 from mer.privacy.base import (
     Layout,
     TooFewContributors,
     mean_from_sum,
     personalise_from_sum,
     require_contributors,
+    vector_template,
 )
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+CONFIG_DIR = str(CONF_DIR)
 
 
 def compose_config(overrides: str | list[str], whole_federation: bool = True) -> DictConfig:
@@ -209,17 +218,22 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def describe(node: Node) -> dict:
-    """What the server learns of a lab when it joins: its client's name and sizes, the clients
-    its config makes, class names and input shape, the test clips' ids and labels (for the
-    metrics and predictions.csv) and the AU co-occurrence counts of its training split
-    (DPK-GAT's prior, summed over labs). Never a flow image, nor a training clip's id or
-    label."""
-    from mer.models.priors import cooccurrence_counts
-
+    """What the server learns of a lab when it joins: its client's name, the clients its
+    config makes, class names and input shape; without secure aggregation also its sizes, the
+    test clips' ids and labels (for the metrics and predictions.csv) and the AU co-occurrence
+    counts of its training split (DPK-GAT's prior, summed over labs). Under ``secagg`` /
+    ``ckks`` (``protected``) none of those: they reach the server only inside protected sums.
+    Never a flow image, nor a training clip's id or label."""
     c, samples = node.client, node.run.samples
+    public = {"name": c.name, "index": node.index,
+              "clients": [x.name for x in node.run.clients],
+              "class-names": [str(n) for n in samples.class_names],
+              "input-shape": [int(d) for d in samples.x.shape[1:]],
+              "synthetic": bool(samples.synthetic)}
+    if node.run.secure is not None:
+        return {**public, "protected": True}
     test = samples.meta.iloc[c.test_idx]
-    au, mask = samples.au_targets()
-    counts = np.asarray(cooccurrence_counts(au[c.train_idx], mask[c.train_idx]), np.float64)
+    counts = node.run.client_au_counts(c)
     keys = samples.meta["subject_key"].to_numpy()
     return {"name": c.name, "index": node.index, "train": len(c.train_idx),
             "test": len(c.test_idx),
@@ -254,6 +268,7 @@ def train(msg: Message, context: Context) -> Message:
     run.global_weights = received(msg.content, "global")
     if "server_control" in msg.content:
         run.server_control = received(msg.content, "server_control")
+        _accept_control(kept, int(conf.get("control-round", 0)))
     # P-FedProx: the server sends the personalised model; under secure aggregation only the
     # node has it (made here from the decoded sum, see ``secure_finish``)
     run.state[name] = ClientState(
@@ -266,6 +281,9 @@ def train(msg: Message, context: Context) -> Message:
     kept["last"] = _arrays(state.last)
     if state.control is not None:
         kept["control"] = _arrays(state.control)
+    if update.new_control is not None:  # SCAFFOLD: kept once the server accepts the update
+        kept["control_pending"] = _arrays(update.new_control)
+        kept["control_pending_round"] = ConfigRecord({"round": rnd})
     if run.secure is not None:
         content = protected_reply(run, kept, conf, msg.content, update)
     else:
@@ -281,6 +299,18 @@ def train(msg: Message, context: Context) -> Message:
             {"history": json.dumps(run.client_privacy[name].accountant.history)})
         content["privacy"] = kept["privacy"]
     return Message(content, reply_to=msg)
+
+
+def _accept_control(kept: RecordDict, accepted_round: int) -> None:
+    """SCAFFOLD on a node: the control variate computed in a round becomes the node's
+    control only if the server accepted that round's update (it sends the last round it
+    accepted from this client, ``control-round``); a late or excluded one is dropped."""
+    if "control_pending" not in kept:
+        return
+    if int(kept["control_pending_round"]["round"]) == accepted_round:
+        kept["control"] = kept["control_pending"]
+    del kept["control_pending"]
+    del kept["control_pending_round"]
 
 
 def _history(records: RecordDict) -> list[tuple]:
@@ -308,6 +338,15 @@ def evaluate(msg: Message, context: Context) -> Message:
                                f"client {name!r} has none (node restarted?)")
         return _weights(context.state["personal"], run.initial_weights)
 
+    if run.secure is not None:  # confusion matrices, protected: no label leaves the lab
+        models = {f"model-{i}": (lambda c, i=i: run._for_client(model(i), name))
+                  for i in range(n)}
+        mats = run.lab_confusions(node.client, models)
+        payload = _protected_vector(run, context.state, msg.content, name, mats.ravel())
+        content = RecordDict({"secure": ConfigRecord({"payload": payload})})
+        if run.secure.disclose_per_lab:  # the lab's own opt-in (privacy.disclose_per_lab)
+            content["confusion"] = ArrayRecord([mats])
+        return Message(content, reply_to=msg)
     probs = [run.predict(run._for_client(model(i), name), node.client) for i in range(n)]
     return Message(RecordDict({"probs": ArrayRecord([p.astype(np.float32) for p in probs])}),
                    reply_to=msg)
@@ -333,16 +372,11 @@ def evaluate(msg: Message, context: Context) -> Message:
 def protected_reply(run: FederatedRun, kept: RecordDict, conf: ConfigRecord,
                     records: RecordDict, update: ClientUpdate) -> RecordDict:
     """The train reply under secure aggregation: the protected ``[n w, n]``, never ``w``."""
-    from mer.privacy.encrypted import CKKSAggregation
     from mer.privacy.secagg import MaskedAggregation
 
     name, rnd = update.name, int(conf["round"])
-    if isinstance(run.secure, CKKSAggregation) and not run.secure.params.secret_context:
-        raise ValueError(f"client {name!r}: privacy=ckks over Flower needs this lab's copy "
-                         "of the federation's secret context: add privacy.secret_context="
-                         "PATH to the SuperNode's overrides (python -m mer.privacy.keys)")
-    metrics = MetricRecord({"steps": update.steps, "seconds": update.seconds,
-                            "work": update.work})
+    _needs_key(run, name)
+    metrics = MetricRecord({"work": update.work})  # steps and seconds would reveal n
     deadline = run.faults.deadline_s
     if deadline is not None and update.seconds > deadline:  # late: the input stays here
         log.warning("round %d: client %s missed the %.3g s deadline (%.3g s): its update is "
@@ -354,6 +388,7 @@ def protected_reply(run: FederatedRun, kept: RecordDict, conf: ConfigRecord,
     if excluded:  # the node checks its own update: the server could not
         return RecordDict({"metrics": metrics,
                            "secure": ConfigRecord({"excluded": excluded[name]})})
+    _needs_key(run, name)
     ids = [str(c) for c in conf["round-clients"]]
     if isinstance(run.secure, MaskedAggregation):
         party = _kept_party(kept, name, rnd, run)
@@ -369,6 +404,49 @@ def protected_reply(run: FederatedRun, kept: RecordDict, conf: ConfigRecord,
     return RecordDict({"metrics": metrics, "secure": ConfigRecord({"payload": payload})})
 
 
+def _needs_key(run: FederatedRun, name: str) -> None:
+    """ckks over Flower: a lab encrypts only with its own copy of the secret context."""
+    from mer.privacy.encrypted import CKKSAggregation
+
+    if isinstance(run.secure, CKKSAggregation) and not run.secure.params.secret_context:
+        raise ValueError(f"client {name!r}: privacy=ckks over Flower needs this lab's copy "
+                         "of the federation's secret context: add privacy.secret_context="
+                         "PATH to the SuperNode's overrides (python -m mer.privacy.keys)")
+
+
+def _protected_vector(run: FederatedRun, kept: RecordDict, records: RecordDict, name: str,
+                      vector: np.ndarray) -> bytes:
+    """A lab's side of a protected vector sum (AU counts, confusion matrices): ``[v, 1]``
+    masked with this purpose's secagg party, or encrypted under ckks, for the round's labs
+    (``config``: round, purpose, round-clients; secagg: the relayed ``shares``)."""
+    from mer.privacy.secagg import MaskedAggregation
+
+    conf = records["config"]
+    rnd, purpose = int(conf["round"]), str(conf["purpose"])
+    ids = [str(c) for c in conf["round-clients"]]
+    template = vector_template(len(vector))
+    _needs_key(run, name)
+    if isinstance(run.secure, MaskedAggregation):
+        party = _kept_party(kept, name, rnd, run, purpose)
+        party.receive_shares({str(k): bytes(v) for k, v in records["shares"].items()}, ids)
+        run.secure.begin_lab_round(rnd, ids, template, party)
+        payload = run.secure.client_payload(name, [np.asarray(vector, np.float64)], 1)
+        _keep_party(kept, party, purpose)
+        return payload
+    run.secure.begin_round(rnd, ids, template)
+    return run.secure.client_payload(name, [np.asarray(vector, np.float64)], 1)
+
+
+@client_app.query("secure_counts")
+def secure_counts(msg: Message, context: Context) -> Message:
+    """The AU co-occurrence counts of this lab's training split, protected (only their sum
+    over the labs is opened: DPK-GAT's data prior)."""
+    node = _node(context)
+    vector = node.run.client_au_counts(node.client)
+    payload = _protected_vector(node.run, context.state, msg.content, node.client.name, vector)
+    return Message(RecordDict({"secure": ConfigRecord({"payload": payload})}), reply_to=msg)
+
+
 def _secagg_params(run: FederatedRun, name: str):
     from mer.privacy.secagg import MaskedAggregation
 
@@ -378,19 +456,30 @@ def _secagg_params(run: FederatedRun, name: str):
     return run.secure.params
 
 
-def _kept_party(kept: RecordDict, name: str, rnd: int, run: FederatedRun):
+def _party_key(purpose: str) -> str:
+    """Where a node keeps its secagg party: one per purpose (train, counts, eval), each with
+    fresh keys, so that a vector sum never reuses a training round's masks."""
+    return "secagg" if purpose == "train" else f"secagg-{purpose}"
+
+
+def _kept_party(kept: RecordDict, name: str, rnd: int, run: FederatedRun,
+                purpose: str = "train"):
     """secagg: this node's :class:`~mer.privacy.secagg.SecAggParty` of round ``rnd``."""
     from mer.privacy.secagg import SecAggParty
 
-    record = kept.get("secagg")
+    record = kept.get(_party_key(purpose))
     if record is None or int(record["round"]) != rnd:
-        raise RuntimeError(f"client {name!r} holds no secagg party of round {rnd} (node "
-                           "restarted since the key exchange?)")
+        raise RuntimeError(f"client {name!r} holds no secagg party of round {rnd} ({purpose}; "
+                           "node restarted since the key exchange?)")
     return SecAggParty.from_state(bytes(record["party"]), _secagg_params(run, name))
 
 
-def _keep_party(kept: RecordDict, party) -> None:
-    kept["secagg"] = ConfigRecord({"round": party.rnd, "party": party.to_state()})
+def _keep_party(kept: RecordDict, party, purpose: str = "train") -> None:
+    kept[_party_key(purpose)] = ConfigRecord({"round": party.rnd, "party": party.to_state()})
+
+
+def _purpose(conf: ConfigRecord) -> str:
+    return str(conf["purpose"]) if "purpose" in conf else "train"
 
 
 @client_app.query("secure_keys")
@@ -401,7 +490,7 @@ def secure_keys(msg: Message, context: Context) -> Message:
     node = _node(context)
     name, rnd = node.client.name, int(msg.content["config"]["round"])
     party = SecAggParty(name, rnd, _secagg_params(node.run, name))
-    _keep_party(context.state, party)
+    _keep_party(context.state, party, _purpose(msg.content["config"]))
     c_pk, s_pk = party.advertise()
     return Message(RecordDict({"secure": ConfigRecord({"c-pk": c_pk, "s-pk": s_pk})}),
                    reply_to=msg)
@@ -413,11 +502,12 @@ def secure_shares(msg: Message, context: Context) -> Message:
     lab of the relayed roster (the server cannot read them)."""
     node = _node(context)
     name, rnd = node.client.name, int(msg.content["config"]["round"])
+    purpose = _purpose(msg.content["config"])
     roster = msg.content["roster"]
-    party = _kept_party(context.state, name, rnd, node.run)
+    party = _kept_party(context.state, name, rnd, node.run, purpose)
     out = party.share_keys({str(c): (bytes(a), bytes(b)) for c, a, b in
                             zip(roster["clients"], roster["c-pk"], roster["s-pk"])})
-    _keep_party(context.state, party)
+    _keep_party(context.state, party, purpose)
     return Message(RecordDict({"secure": ConfigRecord(out)}), reply_to=msg)
 
 
@@ -427,12 +517,13 @@ def secure_unmask(msg: Message, context: Context) -> Message:
     labs' keys, after the honest lab's checks (:meth:`SecAggParty.unmask`)."""
     node = _node(context)
     conf, name = msg.content["config"], node.client.name
-    party = _kept_party(context.state, name, int(conf["round"]), node.run)
+    purpose = _purpose(conf)
+    party = _kept_party(context.state, name, int(conf["round"]), node.run, purpose)
     shares = party.unmask([str(c) for c in conf["survivors"]],
                           [str(c) for c in conf["dropped"]])
-    _keep_party(context.state, party)  # what it revealed, against a second, other request
-    return Message(RecordDict({"b": ConfigRecord(shares["b"]), "s": ConfigRecord(shares["s"])}),
-                   reply_to=msg)
+    _keep_party(context.state, party, purpose)  # what it revealed, against a second request
+    return Message(RecordDict({"b": ConfigRecord(shares["b"]), "s": ConfigRecord(shares["s"]),
+                               "config": ConfigRecord({"purpose": purpose})}), reply_to=msg)
 
 
 @client_app.query("secure_finish")
@@ -442,6 +533,11 @@ def secure_finish(msg: Message, context: Context) -> Message:
     node = _node(context)
     run, kept, conf = node.run, context.state, msg.content["config"]
     rnd, survivors = int(conf["round"]), [str(c) for c in conf["survivors"]]
+    if "length" in conf:  # ckks: a protected vector sum (AU counts, confusion matrices)
+        run.secure.begin_round(rnd, survivors, vector_template(int(conf["length"])))
+        total, count = run.secure.decode_sum(bytes(msg.content["sum"]["payload"]), survivors)
+        return Message(RecordDict({"sum": ArrayRecord([total, np.array([count])])}),
+                       reply_to=msg)
     if "payload" in msg.content["sum"]:  # ckks: still encrypted
         run.secure.begin_round(rnd, survivors, run.initial_weights)
         total, count = run.secure.decode_sum(bytes(msg.content["sum"]["payload"]), survivors)
@@ -479,14 +575,17 @@ class Federation:
 
     ``samples`` stands in for the data on the server: one row per clip, with zero flow
     images; the test rows carry the real clip ids and labels, the training rows only their
-    count. ``clients`` index into it in the usual way.
+    count. ``clients`` index into it in the usual way. ``protected`` (secagg / ckks labs):
+    the server knows no count, id or label of a lab; each client stands as one placeholder
+    training row, no test row, and the AU counts are summed securely (``FlowerRun``).
     """
 
     nodes: dict[str, int]            # client name -> node id
     samples: FlowSamples
     clients: list[ClientData]
     au_counts: np.ndarray            # (12, 12) summed over the labs' training splits
-    summary: dict                    # client -> train / test / subjects
+    summary: dict                    # client -> train / test / subjects (None: protected)
+    protected: bool = False
 
 
 def discover(grid: Grid, expected: list[str] | None = None, timeout_s: float = 120.0
@@ -542,6 +641,32 @@ def discover(grid: Grid, expected: list[str] | None = None, timeout_s: float = 1
                 raise ValueError(f"client {info['name']!r} has {key} {list(info[key])}, client "
                                  f"{first['name']!r} {list(first[key])}: every lab needs the "
                                  "same label scheme and flow settings")
+    protected = [bool(i.get("protected", False)) for i in infos]
+    if any(protected) and not all(protected):
+        raise ValueError("some labs run under secure aggregation and some do not ("
+                         f"{dict(zip(wanted, protected))}): same privacy config everywhere")
+    if all(protected):  # nothing per lab: one placeholder row each, no test row
+        rows = [{"database": str(i["name"]), "subject": "(protected)", "clip": "lab",
+                 "label": -1} for i in infos]
+        clients = [ClientData(str(i["name"]), np.array([k]), np.array([], np.int64))
+                   for k, i in enumerate(infos)]
+        counts = np.zeros((12, 12))
+        summary = {str(i["name"]): dict.fromkeys(("train", "test", "subjects")) for i in infos}
+    else:
+        rows, clients, counts, summary = _plain_view(infos)
+    samples = FlowSamples(
+        np.zeros((len(rows), *[int(d) for d in first["input-shape"]]), np.float32),
+        pd.DataFrame(rows), [str(n) for n in first["class-names"]],
+        synthetic=any(bool(i["synthetic"]) for i in infos),
+        provenance={"source": "the labs' SuperNodes (the server holds no data)"})
+    nodes = {n: found[n][0] for n in wanted}
+    log.info("clients on SuperNodes: %s", nodes)
+    return Federation(nodes, samples, clients, counts, summary, all(protected))
+
+
+def _plain_view(infos: list[dict]) -> tuple[list[dict], list[ClientData], np.ndarray, dict]:
+    """Without secure aggregation: stand-in rows (training rows by count, test rows with
+    their real ids and labels), the clients, the summed AU counts and the sizes."""
     rows, clients, start = [], [], 0
     for info in infos:
         name, n_train, n_test = str(info["name"]), int(info["train"]), int(info["test"])
@@ -553,17 +678,10 @@ def discover(grid: Grid, expected: list[str] | None = None, timeout_s: float = 1
         clients.append(ClientData(name, np.arange(start, start + n_train),
                                   np.arange(start + n_train, start + n_train + n_test)))
         start += n_train + n_test
-    samples = FlowSamples(
-        np.zeros((len(rows), *[int(d) for d in first["input-shape"]]), np.float32),
-        pd.DataFrame(rows), [str(n) for n in first["class-names"]],
-        synthetic=any(bool(i["synthetic"]) for i in infos),
-        provenance={"source": "the labs' SuperNodes (the server holds no data)"})
     counts = sum(np.asarray(i["au-counts"], np.float64).reshape(12, 12) for i in infos)
     summary = {str(i["name"]): {k: int(i[k]) for k in ("train", "test", "subjects")}
                for i in infos}
-    nodes = {n: found[n][0] for n in wanted}
-    log.info("clients on SuperNodes: %s", nodes)
-    return Federation(nodes, samples, clients, counts, summary)
+    return rows, clients, counts, summary
 
 
 def check_server_keys(privacy: Mapping | None) -> None:
@@ -602,15 +720,70 @@ class FlowerRun(FederatedRun):
                  checkpoint_dir: Path | None = None, *, grid: Grid, federation: Federation,
                  round_timeout_s: float = 600.0) -> None:
         self.federation = federation  # before the loop's __init__: au_counts() reads it
-        check_server_keys(cfg.get("privacy"))  # before any key file is loaded
-        super().__init__(cfg, samples, clients, checkpoint_dir)
-        self.grid, self.round_timeout_s = grid, float(round_timeout_s)
+        self.grid, self.round_timeout_s = grid, float(round_timeout_s)  # au_counts asks nodes
         self.nodes = federation.nodes
         self.lost: list[dict] = []  # (round, client, reason) of missing replies
         self.client_metrics: list[dict] = []  # what each node reported, per round
+        check_server_keys(cfg.get("privacy"))  # before any key file is loaded
+        super().__init__(cfg, samples, clients, checkpoint_dir)
 
     def au_counts(self) -> np.ndarray:
-        return self.federation.au_counts
+        """The labs' summed AU co-occurrence counts: from their ``query`` replies, or under
+        secure aggregation from one protected vector per lab (only the sum is opened)."""
+        if self.secure is None:
+            return self.federation.au_counts
+        asked = {c.name: RecordDict({"config": ConfigRecord({})}) for c in self.clients}
+        try:
+            (total, _), _ = self.secure_vector_sum(0, "counts", "query.secure_counts", asked,
+                                                   144)
+        except TooFewContributors as e:
+            log.warning("AU co-occurrence counts not released (%s): the data prior is empty", e)
+            return np.zeros((12, 12))
+        return np.rint(total).reshape(12, 12)
+
+    def secure_vector_sum(self, rnd: int, purpose: str, kind: str,
+                          contents: dict[str, RecordDict], length: int
+                          ) -> tuple[tuple[np.ndarray, int], dict[str, RecordDict]]:
+        """A protected sum of one ``length``-vector per lab over the nodes: the ``kind``
+        message (with the round, ``purpose`` and, under secagg, the relayed shares after
+        the key exchange) is answered with a protected payload; the server adds them and has
+        the sum opened (secagg: unmasked with the survivors' shares; ckks: decrypted by a key
+        holder) for ``privacy.min_clients`` labs or more, else :class:`TooFewContributors`.
+        Returns ``((sum (length,), labs in it), the replies that arrived)``."""
+        from mer.privacy.secagg import MaskedAggregation
+
+        faults: dict[str, list] = {"dropped": [], "failed": [], "late": []}
+        ids = list(contents)
+        require_contributors(len(ids), self.min_clients, f"{purpose} (round {rnd})")
+        secagg = self.secure.begin_server_round(rnd, ids, vector_template(length)) \
+            if isinstance(self.secure, MaskedAggregation) else None
+        relayed = self._secagg_setup(rnd, secagg, faults, purpose) if secagg else {}
+        ids = secagg.u2 if secagg else ids
+        for name in ids:
+            contents[name]["config"] = ConfigRecord({
+                **dict(contents[name]["config"]), "round": rnd, "purpose": purpose,
+                "round-clients": ids})
+            if secagg:
+                contents[name]["shares"] = ConfigRecord(relayed[name])
+        replies = {n: r for n, r in self._exchange(rnd, kind, {n: contents[n] for n in ids})
+                   .items() if not isinstance(r, Exception)}
+        payloads = {n: bytes(r["secure"]["payload"]) for n, r in replies.items()}
+        survivors = [n for n in ids if n in payloads]
+        require_contributors(len(survivors), self.min_clients, f"{purpose} (round {rnd})")
+        total = self.server_sum(payloads)
+        if secagg:
+            flat, count = self._secagg_unmask(rnd, secagg, total, purpose)
+            return (flat, int(round(count))), replies
+        for holder in survivors:  # ckks: the first key holder that answers decrypts
+            asked = {holder: RecordDict({
+                "config": ConfigRecord({"round": rnd, "survivors": survivors, "mean": False,
+                                        "purpose": purpose, "length": length}),
+                "sum": ConfigRecord({"payload": total})})}
+            reply = self._exchange(rnd, "query.secure_finish", asked)[holder]
+            if not isinstance(reply, Exception):
+                flat, count = reply["sum"].to_numpy_ndarrays()
+                return (flat.astype(np.float64), int(round(float(count[0])))), replies
+        raise TooFewContributors(f"{purpose} (round {rnd}): no key holder decrypted the sum")
 
     def _exchange(self, rnd: int, kind: str,
                   contents: dict[str, RecordDict]) -> dict[str, RecordDict | Exception]:
@@ -683,6 +856,8 @@ class FlowerRun(FederatedRun):
             content["personal"] = _arrays(personal)
         if self.rule == "scaffold":
             content["server_control"] = _arrays(self.server_control)
+            content["config"]["control-round"] = int(
+                self.state[name].flags.get("control_round", 0))
         return content
 
     def round(self, rnd: int) -> dict:
@@ -729,10 +904,12 @@ class FlowerRun(FederatedRun):
         t_clients = time.perf_counter() - t0 if t_clients is None else t_clients
         return self._round_record(rnd, updates, excluded, faults, t0, t_clients, skipped)
 
-    def _secagg_setup(self, rnd: int, secagg, faults: dict) -> dict[str, dict[str, bytes]]:
+    def _secagg_setup(self, rnd: int, secagg, faults: dict, purpose: str = "train"
+                      ) -> dict[str, dict[str, bytes]]:
         """secagg steps 0 and 1 through the nodes: public keys in, roster out; encrypted
-        shares in, relayed per receiver (returned). Labs that fail a step are counted failed."""
-        asked = {n: RecordDict({"config": ConfigRecord({"round": rnd})})
+        shares in, relayed per receiver (returned). Labs that fail a step are counted failed.
+        ``purpose``: which of a node's parties (train, counts, eval) the keys are for."""
+        asked = {n: RecordDict({"config": ConfigRecord({"round": rnd, "purpose": purpose})})
                  for n in secagg.selected}
         adverts = {}
         for name, reply in self._exchange(rnd, "query.secure_keys", asked).items():
@@ -742,7 +919,7 @@ class FlowerRun(FederatedRun):
                 adverts[name] = (bytes(reply["secure"]["c-pk"]), bytes(reply["secure"]["s-pk"]))
         roster = secagg.receive_keys(adverts)
         asked = {n: RecordDict({
-            "config": ConfigRecord({"round": rnd}),
+            "config": ConfigRecord({"round": rnd, "purpose": purpose}),
             "roster": ConfigRecord({"clients": list(roster),
                                     "c-pk": [c for c, _ in roster.values()],
                                     "s-pk": [s for _, s in roster.values()]})}) for n in roster}
@@ -765,8 +942,9 @@ class FlowerRun(FederatedRun):
                 continue
             m, secure = reply["metrics"], reply["secure"]
             self.client_metrics.append({"round": rnd, "client": name, **dict(m)})
-            update = ClientUpdate(name, [], 0, int(m["steps"]), float(m["seconds"]),
-                                  float(m["work"]))  # weights and count: inside the payload
+            # weights and count inside the payload; steps and seconds are not sent (they
+            # would reveal n): the server knows only when the reply arrived
+            update = ClientUpdate(name, [], 0, 0, 0.0, float(m["work"]))
             if "late" in secure:
                 log.warning("round %d: client %s missed the deadline (%.3g s) and kept its "
                             "update", rnd, name, float(secure["late"]))
@@ -778,12 +956,7 @@ class FlowerRun(FederatedRun):
                 log.warning("round %d: client %s excluded: %s", rnd, name, excluded[name])
                 self.excluded.append({"round": rnd, "client": name, "reason": excluded[name]})
                 continue
-            deadline = self.faults.deadline_s
-            if deadline is not None and update.seconds > deadline:
-                log.warning("round %d: client %s reports %.3g s, past the %.3g s deadline, but "
-                            "its protected input arrived: it is counted in the sum (never "
-                            "opened alone)", rnd, name, update.seconds, deadline)
-            payloads[name] = bytes(secure["payload"])
+            payloads[name] = bytes(secure["payload"])  # counted in the sum, however late
         return payloads
 
     def _failed(self, rnd: int, name: str, error: Exception, faults: dict) -> None:
@@ -805,17 +978,8 @@ class FlowerRun(FederatedRun):
         config = {"round": rnd, "survivors": survivors}
         if isinstance(self.secure, MaskedAggregation):
             secagg = self.secure.server
-            survivors, dropped = secagg.unmask_request()  # below the floor: nobody is asked
-            asked = {s: RecordDict({"config": ConfigRecord(
-                {"round": rnd, "survivors": survivors, "dropped": dropped})}) for s in survivors}
-            answers = {}
-            for name, reply in self._exchange(rnd, "query.secure_unmask", asked).items():
-                if isinstance(reply, Exception):
-                    log.warning("round %d: survivor %s gave no shares (%s)", rnd, name, reply)
-                else:
-                    answers[name] = {kind: {str(k): bytes(v) for k, v in reply[kind].items()}
-                                     for kind in ("b", "s")}
-            flat, count = secagg.unmask(answers, total)  # fewer than t answers: skipped
+            flat, count = self._secagg_unmask(rnd, secagg, total)
+            survivors = list(secagg.u3)
             mean = mean_from_sum(flat, count, self.secure.layout, f"round {rnd}")
             if personalise:
                 sums = RecordDict({"config": ConfigRecord({**config, "mean": False}),
@@ -835,6 +999,24 @@ class FlowerRun(FederatedRun):
                 return _weights(reply["mean"], self.initial_weights)
         return None
 
+    def _secagg_unmask(self, rnd: int, secagg, total: bytes, purpose: str = "train"
+                       ) -> tuple[np.ndarray, float]:
+        """secagg step 3 through the nodes: each survivor's shares of the survivors'
+        self-mask seeds and the dropped labs' keys; the unmasked ``(sum, count)``. Below the
+        floor nobody is asked; fewer than t answers: :class:`TooFewContributors`."""
+        survivors, dropped = secagg.unmask_request()
+        asked = {s: RecordDict({"config": ConfigRecord(
+            {"round": rnd, "purpose": purpose, "survivors": survivors, "dropped": dropped})})
+            for s in survivors}
+        answers = {}
+        for name, reply in self._exchange(rnd, "query.secure_unmask", asked).items():
+            if isinstance(reply, Exception):
+                log.warning("round %d: survivor %s gave no shares (%s)", rnd, name, reply)
+            else:
+                answers[name] = {kind: {str(k): bytes(v) for k, v in reply[kind].items()}
+                                 for kind in ("b", "s")}
+        return secagg.unmask(answers, total)
+
     def _keep_personal(self, rnd: int, replies: dict) -> None:
         for name, reply in replies.items():
             if not isinstance(reply, Exception):
@@ -842,7 +1024,11 @@ class FlowerRun(FederatedRun):
 
     def evaluate(self, models: dict | None = None, with_predictions: bool = False) -> dict:
         """The loop's ``evaluate``, with each node predicting its own test split (one message
-        per node carrying every model to score). Nodes that do not answer are left out."""
+        per node carrying every model to score). Nodes that do not answer are left out.
+        Under secure aggregation the nodes answer with protected confusion matrices, summed
+        (:meth:`secure_vector_sum`) into the pooled figures (``FederatedRun.secure_results``)."""
+        if self.secure is not None:
+            return self._secure_evaluate(models or self.default_models(), with_predictions)
         asked: dict[str, list] = {}
         real_predict, self.predict = self.predict, self._record_request
         self._asked = asked
@@ -868,6 +1054,28 @@ class FlowerRun(FederatedRun):
         finally:
             self.predict, self.clients = real_predict, everyone
 
+    def _secure_evaluate(self, models: dict, with_predictions: bool) -> dict:
+        kinds, k = list(models), self.samples.num_classes
+        contents = {}
+        for c in self.clients:  # every lab: the server does not know who has test clips
+            content = RecordDict({"config": ConfigRecord({"models": len(kinds)})})
+            for i, kind in enumerate(kinds):
+                w = models[kind](c)
+                if not isinstance(w, KeptOnNode):  # else: the node's own personal model
+                    content[f"model-{i}"] = _arrays(w)
+            contents[c.name] = content
+        per_lab: dict | None = {} if self.secure.disclose_per_lab else None
+
+        def open_sum() -> tuple[np.ndarray, int]:
+            (total, labs), replies = self.secure_vector_sum(
+                self.round_done + 1, "eval", "evaluate", contents, len(kinds) * k * k)
+            if per_lab is not None:  # the labs' own opt-in
+                per_lab.update({n: r["confusion"].to_numpy_ndarrays()[0]
+                                for n, r in replies.items() if "confusion" in r})
+            return total, labs
+
+        return self.secure_results(kinds, open_sum, per_lab, with_predictions)
+
     def _record_request(self, weights: Weights, client: ClientData) -> np.ndarray:
         self._asked.setdefault(client.name, []).append(weights)
         return np.zeros((len(client.test_idx), self.samples.num_classes), np.float32)
@@ -889,8 +1097,8 @@ def run_server(grid: Grid, overrides: str, out_dir: Path, round_timeout_s: float
     predictions.csv, curves.csv, rounds.csv and global_model.pt to ``out_dir``. The server
     loads no data: what it needs comes from the labs (:func:`discover`); ``clients``: the
     client names to wait for (default: those the labs' configs make)."""
-    from mer.engine.runner import write_federated_results
     from mer.federated.loop import run_federated
+    from mer.federated.runner import write_federated_results
 
     t0 = time.perf_counter()
     cfg = compose_config(overrides)

@@ -11,7 +11,9 @@ personalised model, and the figures pooled over clients. After every round the w
 checkpointed, so ``resume=true`` continues an interrupted run to the same end state.
 
 Samples never leave their client: the server only sees weights (and, for DPK-GAT's data
-prior, AU co-occurrence counts).
+prior, AU co-occurrence counts). Under secure aggregation (``privacy=secagg | ckks``) it sees
+neither a lab's weights, nor its example count, AU counts or test results: each goes inside a
+protected sum (:meth:`FederatedRun.au_counts`, :meth:`FederatedRun.secure_results`).
 """
 
 from __future__ import annotations
@@ -39,13 +41,17 @@ from mer.engine.build import build_module, uses_aus
 from mer.engine.metrics import recognition_metrics
 from mer.engine.module import MERModule
 from mer.federated import aggregators
+from mer.federated.client_optim import client_optimizer
 from mer.federated.faults import FaultPlan, flip_labels
+from mer.federated.fidelity import federated_model_cfg
+from mer.federated.fidelity import from_config as fidelity_from_config
 from mer.federated.partition import (
     ClientData,
     check_partition,
     natural_clients,
     subject_clients,
 )
+from mer.federated.rules import RULES, rule_names
 from mer.federated.server_opt import ServerOptimizer, create_server_optimizer
 from mer.privacy import from_config as privacy_from_config
 from mer.privacy.base import (
@@ -58,11 +64,12 @@ from mer.privacy.base import (
 
 log = logging.getLogger(__name__)
 Weights = list[np.ndarray]
-MEAN_RULES = ("fedavg", "fedprox", "fedbn", "scaffold")
-ROBUST_RULES = ("median", "trimmed_mean", "krum")
-# Under secure aggregation the server sees only the sum; central DP replaces the mean by a
-# clipped, noised one: rules that need individual updates cannot run there.
-PRIVATE_RULES = ("fedavg", "fedprox", "fedbn")
+# The rules by name (mer.federated.rules.RULES). Under secure aggregation the server sees only
+# the sum; central DP replaces the mean by a clipped, noised one: rules that need individual
+# updates cannot run there.
+MEAN_RULES = rule_names(robust=False)
+ROBUST_RULES = rule_names(robust=True)
+PRIVATE_RULES = rule_names(private=True)
 
 
 def get_weights(module: MERModule) -> Weights:
@@ -85,19 +92,9 @@ def make_server_optimizer(cfg: DictConfig) -> ServerOptimizer:
 
 
 def aggregate(rule: DictConfig, results: list[tuple[Weights, int]]) -> Weights:
-    """Apply the configured aggregation rule to the kept client results."""
-    name = rule.name
-    if name in ("fedavg", "fedprox", "fedbn"):
-        return aggregators.fedavg(results)
-    if name == "scaffold":  # the paper's unweighted mean of the sampled clients
-        return aggregators.weighted_mean([w for w, _ in results], [1.0] * len(results))
-    if name == "median":
-        return aggregators.median(results)
-    if name == "trimmed_mean":
-        return aggregators.trimmed_mean(results, float(rule.beta))
-    if name == "krum":
-        return aggregators.krum(results, int(rule.num_malicious), int(rule.get("num_to_keep", 1)))
-    raise ValueError(f"unknown aggregation rule '{name}': {list(MEAN_RULES + ROBUST_RULES)}")
+    """Apply the configured aggregation rule (:data:`mer.federated.rules.RULES`) to the kept
+    client results."""
+    return RULES.get(rule.name).aggregate(rule, results)
 
 
 @dataclass
@@ -111,6 +108,7 @@ class ClientUpdate:
     seconds: float
     work: float = 1.0
     control_delta: Weights | None = None  # SCAFFOLD's dc_i
+    new_control: Weights | None = None    # SCAFFOLD's c_i+, kept only if the update is accepted
 
 
 @dataclass
@@ -134,7 +132,11 @@ class FederatedRun:
         if self.rule not in MEAN_RULES + ROBUST_RULES:
             raise ValueError(f"unknown federated.rule.name '{self.rule}': "
                              f"{list(MEAN_RULES + ROBUST_RULES)}")
-        self.model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        # fidelity=official: FED-PsyAU as its authors' code runs it (federated/fidelity.py)
+        self.fidelity = fidelity_from_config(cfg)
+        self.model_cfg = federated_model_cfg(OmegaConf.to_container(cfg.model, resolve=True),
+                                             self.fidelity.fidelity)
+        self.client_opt = client_optimizer(self.fed, self.model_cfg)  # SCAFFOLD: plain SGD
         self.seed = int(cfg.seed)
         self.faults = FaultPlan(self.fed.get("faults"), self.seed, [c.name for c in clients])
         self._setup_privacy(cfg.get("privacy"))
@@ -222,8 +224,26 @@ class FederatedRun:
 
     def au_counts(self) -> np.ndarray | None:
         """The clients' AU co-occurrence counts summed (DPK-GAT's data prior); None: count
-        them from ``samples`` (in-process, where the server's process holds them)."""
-        return None
+        them from ``samples`` (in-process, where the server's process holds them). Under
+        secure aggregation each lab protects its own counts and only the sum is opened, as
+        over Flower (``query.secure_counts``)."""
+        if self.secure is None:
+            return None
+        try:
+            total, _ = self.secure.sum_vectors(0, {c.name: self.client_au_counts(c)
+                                                   for c in self.clients})
+        except TooFewContributors as e:
+            log.warning("AU co-occurrence counts not released (%s): the data prior is empty", e)
+            return np.zeros((12, 12))
+        return np.rint(total).reshape(12, 12)
+
+    def client_au_counts(self, client: ClientData) -> np.ndarray:
+        """A lab's side: the (144,) AU co-occurrence counts of its training split."""
+        from mer.models.priors import cooccurrence_counts
+
+        au, mask = self.samples.au_targets()
+        return np.asarray(cooccurrence_counts(au[client.train_idx], mask[client.train_idx]),
+                          np.float64).ravel()
 
     # -- client side ---------------------------------------------------------------------------
 
@@ -257,8 +277,11 @@ class FederatedRun:
         """
         L.seed_everything(seed, verbose=False)
         module = self._module(start)
-        if anchor is not None and self.fed.mu:
-            module.set_proximal(float(self.fed.mu), anchor)
+        mu = self.fidelity.mu_for(set(self.samples.meta["database"].to_numpy()[train.train_idx]))
+        if anchor is not None and mu:
+            module.set_proximal(mu, anchor, self.fidelity.prox_norm)
+        if self.client_opt is not None:  # the baselines train with it too: same optimiser
+            module.set_optimizer(**self.client_opt)
         module.set_grad_correction(correction)
         trainer_kwargs = OmegaConf.to_container(self.cfg.trainer, resolve=True)
         trainer_kwargs["max_epochs"] = int(epochs)
@@ -292,11 +315,11 @@ class FederatedRun:
         state = self.state[client.name]
         start = self._for_client(state.personal or self.global_weights, client.name)
         seed = self.seed * 100_003 + rnd * 101 + k
-        correction = None
+        correction, control = None, None
         if self.rule == "scaffold":
-            state.control = state.control or [np.zeros_like(w) for w in self.server_control]
+            control = state.control or [np.zeros_like(w) for w in self.server_control]
             correction = {n: torch.as_tensor(c - ci) for n, c, ci in
-                          zip(self.entry_names, self.server_control, state.control)
+                          zip(self.entry_names, self.server_control, control)
                           if n in self.param_names}
         work = self.faults.work(rnd, k)
         t0 = time.perf_counter()
@@ -306,14 +329,13 @@ class FederatedRun:
         seconds = time.perf_counter() - t0
         state.last = weights
         update = ClientUpdate(client.name, weights, len(client.train_idx), steps, seconds, work)
-        if self.rule == "scaffold" and steps > 0:
+        if self.rule == "scaffold" and steps > 0:  # K plain SGD steps of client_opt's lr
             new_control = aggregators.scaffold_client_control(
-                state.control, self.server_control, start, weights, steps,
-                float(self.model_cfg["lr"]))
+                control, self.server_control, start, weights, steps, self.client_opt["lr"])
             new_control = [c if n in self.param_names else np.zeros_like(c)
                            for n, c in zip(self.entry_names, new_control)]
-            update.control_delta = [a - b for a, b in zip(new_control, state.control)]
-            state.control = new_control
+            update.control_delta = [a - b for a, b in zip(new_control, control)]
+            update.new_control = new_control  # state.control moves once the server accepts
         update.weights = self.faults.tamper(client.name, rnd, k, weights, self.global_weights)
         return update
 
@@ -389,8 +411,11 @@ class FederatedRun:
 
     def fedprox_anchor(self) -> list[torch.Tensor] | None:
         """The round's global parameters, the FedProx term's anchor (None without one)."""
-        return list(self._module(self.global_weights).net.parameters()) if self.fed.mu \
-            else None
+        if not self.fidelity.any_mu:
+            return None
+        anchor = self.initial_weights if self.fidelity.prox_anchor == "initial" else \
+            self.global_weights  # initial: the authors' server never updates its model
+        return list(self._module(anchor).net.parameters())
 
     def _train_parallel(self, rnd: int, training: list[int]) -> dict[int, ClientUpdate | Exception]:
         """The clients' local training in ``federated.workers`` forked processes. Each job
@@ -502,6 +527,7 @@ class FederatedRun:
                     frac = len(deltas) / len(self.clients)
                     self.server_control = [c + frac * d
                                            for c, d in zip(self.server_control, mean_dc)]
+                self.accept_controls(rnd, kept_updates)
         else:
             log.warning("round %d skipped, global model unchanged: %s", rnd, skipped)
         personalise = self.fed.get("personalise")
@@ -509,10 +535,24 @@ class FederatedRun:
             personal = dict(zip([u.name for u in kept_updates],
                                 aggregators.pfedprox_personalise(
                                     [w for w, _ in kept], [n for _, n in kept],
-                                    own=float(personalise.own))))
+                                    own=float(personalise.own),
+                                    mix=None if self.fidelity.mix_buffers else
+                                    [n in self.param_names for n in self.entry_names])))
         for name, w in personal.items():
             self.state[name].personal = w
         return self._round_record(rnd, updates, excluded, faults, t0, t_clients, skipped)
+
+    def accept_controls(self, rnd: int, accepted: list[ClientUpdate]) -> None:
+        """SCAFFOLD: the clients whose updates the server aggregated keep their new control
+        variate (``flags["control_round"]`` = the round; over Flower the node keeps it and
+        reads that flag). A late, excluded or dropped client's control stays as it was."""
+        for u in accepted:
+            if u.control_delta is None:
+                continue
+            state = self.state[u.name]
+            if u.new_control is not None:
+                state.control = u.new_control
+            state.flags["control_round"] = rnd
 
     def _round_record(self, rnd: int, updates: list[ClientUpdate], excluded: Iterable[str],
                       faults: dict, t0: float, t_clients: float,
@@ -562,11 +602,12 @@ class FederatedRun:
         without test samples are left out. ``with_predictions`` adds ``predictions``:
         ``{"index": sample positions, "pred": {kind: predicted classes}}``.
         """
-        models = models or {
-            "global": lambda c: self._for_client(self.global_weights, c.name),
-            "personalised": lambda c: self._for_client(
-                self.state[c.name].personal or self.global_weights, c.name),
-        }
+        models = models or self.default_models()
+        if self.secure is not None:  # labs send confusion matrices, summed securely
+            mats = {c.name: self.lab_confusions(c, models) for c in self.clients}
+            return self.secure_results(list(models), lambda: self.secure.sum_vectors(
+                self.round_done + 1, {n: m.ravel() for n, m in mats.items()}),
+                mats if self.secure.disclose_per_lab else None, with_predictions)
         names = self.samples.class_names
         out: dict = {"per_client": {}}
         preds: dict[str, list] = {kind: [] for kind in models}
@@ -598,6 +639,60 @@ class FederatedRun:
             out["predictions"] = {
                 "index": np.concatenate([c.test_idx for c in self.clients]).tolist(),
                 "pred": {kind: np.concatenate(p).tolist() for kind, p in preds.items()}}
+        return out
+
+    def default_models(self) -> dict:
+        """The kinds scored by default: the global model (with the client's own BN entries
+        under FedBN) and each client's personalised model (``kind -> client -> weights``)."""
+        return {"global": lambda c: self._for_client(self.global_weights, c.name),
+                "personalised": lambda c: self._for_client(
+                    self.state[c.name].personal or self.global_weights, c.name)}
+
+    def lab_confusions(self, client: ClientData, models: dict) -> np.ndarray:
+        """A lab's side of a protected evaluation: (kinds, K, K) confusion matrices of each
+        model kind on its own test split (zeros without test clips)."""
+        from mer.engine.protocols import refuse_non_finite
+        from mer.privacy.pooled import lab_confusions
+
+        preds = []
+        for kind, weights_of in models.items() if len(client.test_idx) else ():
+            probs = self.predict(weights_of(client), client)
+            refuse_non_finite(probs, self.samples, client.test_idx,
+                              f"client {client.name} with the {kind} model", fix=(
+                                  "The federated model diverged: lower model.lr or "
+                                  "federated.server_opt.lr; nothing was scored."))
+            preds.append(probs.argmax(1))
+        return lab_confusions(self.samples.labels[client.test_idx],
+                              preds or [np.zeros(0)] * len(models), self.samples.num_classes)
+
+    def secure_results(self, kinds: list[str], open_sum: Callable[[], tuple[np.ndarray, int]],
+                       per_lab: dict[str, np.ndarray] | None, with_predictions: bool) -> dict:
+        """The server's side of a protected evaluation: pooled figures of each kind from the
+        summed confusion matrices (``open_sum() -> (sum (kinds * K * K,), labs)``; withheld,
+        NaN, when fewer than ``privacy.min_clients`` labs answered); per-client figures only
+        from ``per_lab`` matrices (``privacy.disclose_per_lab``). No test label, clip id or
+        prediction reaches the server: ``predictions`` holds none, only the summed matrices."""
+        from mer.privacy.pooled import confusion_metrics, withheld
+
+        k = self.samples.num_classes
+        try:
+            total, labs = open_sum()
+            cms = np.rint(np.asarray(total)).reshape(len(kinds), k, k).astype(np.int64)
+            pooled = {kind: confusion_metrics(cm) for kind, cm in zip(kinds, cms)}
+        except TooFewContributors as e:
+            log.warning("pooled test figures withheld: %s", e)
+            cms, labs = np.zeros((len(kinds), k, k), np.int64), 0
+            pooled = {kind: withheld(str(e)) for kind in kinds}
+        out: dict = {"per_client": {
+            name: {kind: confusion_metrics(cm) for kind, cm in zip(kinds, m)}
+            for name, m in (per_lab or {}).items() if m.sum() > 0}}
+        out.update({f"pooled_{kind}": m for kind, m in pooled.items()})
+        out["secure_evaluation"] = {"labs": labs, "per_lab_disclosed": per_lab is not None,
+                                    "confusion": {kind: cm.tolist()
+                                                  for kind, cm in zip(kinds, cms)}}
+        if with_predictions:  # per-clip predictions stay at the labs
+            out["predictions"] = {"index": [], "pred": {kind: [] for kind in kinds},
+                                  "confusion": out["secure_evaluation"]["confusion"]}
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------

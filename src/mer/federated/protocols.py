@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mer.data.samples import FlowSamples
 from mer.engine.metrics import recognition_metrics
+from mer.engine.protocols import loso_folds
 from mer.federated.loop import client_summary, make_clients, run_federated
 from mer.federated.partition import ClientData
 
@@ -72,19 +73,19 @@ def run_holdout(cfg: DictConfig, samples: FlowSamples, run_dir: Path,
     return result
 
 
-def loso_folds(samples: FlowSamples, clients: list[ClientData]) -> list[tuple[str,
-                                                                              list[ClientData]]]:
-    """One fold per subject: ``(subject_key, clients)`` where the subject's clips are the
+def client_loso_folds(samples: FlowSamples, clients: list[ClientData]
+                      ) -> list[tuple[str, list[ClientData]]]:
+    """The centralised LOSO folds (:func:`mer.engine.protocols.loso_folds`, one per subject key,
+    sorted) seen by the clients: ``(subject_key, clients)`` where the subject's clips are the
     only test samples (at their own client) and every other clip trains at its client."""
-    keys = samples.meta["subject_key"].to_numpy()
     owned = [(c.name, np.sort(np.concatenate([c.train_idx, c.test_idx]))) for c in clients]
     folds = []
-    for subject in sorted(set(keys)):
-        fold = []
+    for fold in loso_folds(samples):
+        fold_clients = []
         for name, positions in owned:
-            held = keys[positions] == subject
-            fold.append(ClientData(name, positions[~held], positions[held]))
-        folds.append((subject, fold))
+            held = np.isin(positions, fold.test_idx)
+            fold_clients.append(ClientData(name, positions[~held], positions[held]))
+        folds.append((fold.name, fold_clients))
     return folds
 
 
@@ -94,9 +95,9 @@ def run_loso(cfg: DictConfig, samples: FlowSamples, run_dir: Path,
     from rich.progress import Progress
 
     clients = make_clients(cfg, samples)
-    folds = loso_folds(samples, clients)
+    folds = client_loso_folds(samples, clients)
     names = samples.class_names
-    per_fold, preds, idx = {}, {}, []
+    per_fold, preds, idx, summed = {}, {}, [], {}
     with Progress(disable=not show_progress) as progress:
         task = progress.add_task("federated LOSO folds", total=len(folds))
         for subject, fold_clients in folds:
@@ -107,11 +108,18 @@ def run_loso(cfg: DictConfig, samples: FlowSamples, run_dir: Path,
             idx.extend(fold_preds["index"])
             for kind, p in fold_preds["pred"].items():
                 preds.setdefault(kind, []).extend(p)
+            for kind, cm in fold_preds.get("confusion", {}).items():  # secagg / ckks
+                summed[kind] = summed.get(kind, 0) + np.asarray(cm, np.int64)
             per_fold[subject] = {k: v for k, v in _pooled_kinds(result).items()}
             progress.advance(task)
-    y = samples.labels[np.asarray(idx)]
-    pooled = {kind: {k: v for k, v in recognition_metrics(y, np.asarray(p), names).items()
-                     if k in ("n",) + SCORES} for kind, p in preds.items()}
+    if summed:  # under secure aggregation only the folds' summed confusion matrices exist
+        from mer.privacy.pooled import confusion_metrics
+
+        pooled = {kind: confusion_metrics(cm) for kind, cm in summed.items()}
+    else:
+        y = samples.labels[np.asarray(idx, np.int64)]
+        pooled = {kind: {k: v for k, v in recognition_metrics(y, np.asarray(p), names).items()
+                         if k in ("n",) + SCORES} for kind, p in preds.items()}
     return {"protocol": {"kind": "loso", "folds": len(folds)},
             "clients": client_summary(samples, clients),
             "final": {f"pooled_{k}": v for k, v in pooled.items()},

@@ -6,7 +6,15 @@ central DP (Opacus), and the attacks that measure them (``mer.privacy.attacks``)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from mer.registry import Registry
+
+RENAMED_MIN_SURVIVORS = (
+    "privacy.min_survivors={value}: this key was renamed privacy.min_clients (the fewest labs "
+    "whose protected sum is released; a round with fewer is skipped); replace "
+    "privacy.min_survivors={value} with privacy.min_clients={value} in your config")
 
 
 def _params(cfg: Any) -> dict:
@@ -14,11 +22,54 @@ def _params(cfg: Any) -> dict:
 
     d = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     d.pop("name", None)
+    if "min_survivors" in d:  # an old config: named, not a bare TypeError from the dataclass
+        from mer.config_rules import ConfigError
+
+        raise ConfigError([RENAMED_MIN_SURVIVORS.format(value=d["min_survivors"])])
     return d
 
 
+# privacy mode name -> builder of its object from the ``privacy`` config's settings. The
+# builders import their module only when called (TenSEAL, Opacus are heavy).
+PRIVACY_MODES: Registry[Callable[[dict], Any]] = Registry(
+    "privacy", hint="privacy=<name>, conf/privacy/<name>.yaml", error=ValueError)
+
+
+@PRIVACY_MODES.register("none")
+def _none(params: dict) -> None:
+    return None
+
+
+@PRIVACY_MODES.register("ckks")
+def _ckks(params: dict):
+    from mer.privacy.encrypted import CKKSAggregation, CKKSParams
+
+    return CKKSAggregation(CKKSParams(**params))
+
+
+@PRIVACY_MODES.register("secagg")
+def _secagg(params: dict):
+    from mer.privacy.secagg import MaskedAggregation, MaskParams
+
+    return MaskedAggregation(MaskParams(**params))
+
+
+@PRIVACY_MODES.register("dp")
+def _dp(params: dict):
+    from mer.privacy.dp import DPConfig
+
+    return DPConfig(**params)
+
+
+@PRIVACY_MODES.register("central_dp")
+def _central_dp(params: dict):
+    from mer.privacy.dp import CentralDPConfig
+
+    return CentralDPConfig(**params)
+
+
 def from_config(cfg: Any):
-    """The privacy object for a ``privacy`` config group (by ``name``):
+    """The privacy object for a ``privacy`` config group (by ``name``, :data:`PRIVACY_MODES`):
 
     - ``none``: None
     - ``ckks``: :class:`mer.privacy.encrypted.CKKSAggregation`
@@ -27,22 +78,5 @@ def from_config(cfg: Any):
     - ``central_dp``: :class:`mer.privacy.dp.CentralDPConfig`
     """
     name = cfg["name"] if cfg is not None else "none"
-    if name == "none":
-        return None
-    if name == "ckks":
-        from mer.privacy.encrypted import CKKSAggregation, CKKSParams
-
-        return CKKSAggregation(CKKSParams(**_params(cfg)))
-    if name == "secagg":
-        from mer.privacy.secagg import MaskedAggregation, MaskParams
-
-        return MaskedAggregation(MaskParams(**_params(cfg)))
-    if name == "dp":
-        from mer.privacy.dp import DPConfig
-
-        return DPConfig(**_params(cfg))
-    if name == "central_dp":
-        from mer.privacy.dp import CentralDPConfig
-
-        return CentralDPConfig(**_params(cfg))
-    raise ValueError(f"unknown privacy '{name}': none, ckks, secagg, dp or central_dp")
+    build = PRIVACY_MODES.get(name)
+    return None if name == "none" else build(_params(cfg))

@@ -16,6 +16,17 @@ n_k]``: the example count travels in the last slot, so the sum carries ``N = sum
 the server never sees an individual count either. :meth:`SecureAggregation.decode_sum`
 gives ``(sum_k n_k w_k, N)``; :func:`personalise_from_sum` turns it into the P-FedProx model
 of one client without the server ever seeing another client's model.
+
+The same path sums the other per-lab figures the server needs (:meth:`sum_vectors`, one
+vector ``v_k`` per lab sent as ``[1 * v_k, 1]``): the AU co-occurrence counts of the labs'
+training splits (DPK-GAT's data prior) and the labs' confusion matrices on their test splits
+(the pooled UF1 / UAR). What is *not* protected, and so still reaches the server, is listed
+in :mod:`mer.privacy.exposure` (and README's table): the labs' names, which lab took part in
+which round and when its replies arrived; under ``privacy.disclose_per_lab=true`` each lab's
+own confusion matrix (an opt-in). ``central_dp`` and ``dp`` are no secure aggregation: under
+``central_dp`` the server receives every lab's update in plaintext and clips and noises the
+mean itself (it protects the released model, not the updates); under ``dp`` each update is
+DP-SGD-noised at its lab but still reaches the server in plaintext, with its example count.
 """
 
 from __future__ import annotations
@@ -142,6 +153,28 @@ class SecureAggregation(ABC):
         """The fewest contributors whose sum may be opened (``privacy.min_clients``)."""
         return int(getattr(getattr(self, "params", None), "min_clients", 3))
 
+    @property
+    def disclose_per_lab(self) -> bool:
+        """``privacy.disclose_per_lab``: each lab also sends its own confusion matrix in
+        plaintext (per-lab results at the server; an opt-in disclosure, off by default)."""
+        return bool(getattr(getattr(self, "params", None), "disclose_per_lab", False))
+
+    def sum_vectors(self, rnd: int, vectors: Mapping[str, np.ndarray]
+                    ) -> tuple[np.ndarray, int]:
+        """In-process: every lab protects its vector ``v_k`` (D,) as ``[v_k, 1]`` through this
+        scheme, the server adds the payloads, and the sum is opened for ``min_clients`` labs
+        or more (else :class:`TooFewContributors`). Returns ``(sum_k v_k (D,), labs)``.
+        Over Flower the nodes protect their own vectors (``mer.federated.flower_app``)."""
+        ids = [str(c) for c in vectors]
+        require_contributors(len(ids), self.min_clients, f"{self.name} sum {rnd}")
+        length = len(next(iter(vectors.values())))
+        self.begin_round(rnd, ids, vector_template(length))
+        payloads = {c: self.client_payload(c, [np.asarray(v, np.float64)], 1)
+                    for c, v in zip(ids, vectors.values())}
+        total = self.server_sum(payloads)
+        flat, count = self.decode_sum(total, ids)
+        return flat, int(round(count))
+
     def _require_client(self, client_id: str) -> None:
         if self.layout is None:
             raise RuntimeError(f"{self.name}: call begin_round() before client_payload()")
@@ -166,6 +199,11 @@ class SecureAggregation(ABC):
         """The example-weighted mean ``sum_k n_k w_k / N`` over the survivors (FedAvg/FedProx)."""
         total, count = self.decode_sum(sum_payload, survivors)
         return mean_from_sum(total, count, self.layout, f"{self.name}: survivors {list(survivors)}")
+
+
+def vector_template(length: int) -> Weights:
+    """The layout of a plain vector of ``length`` values sent through :meth:`sum_vectors`."""
+    return [np.zeros(int(length), np.float64)]
 
 
 def mean_from_sum(total: np.ndarray, count: float, layout: Layout, who: str) -> Weights:

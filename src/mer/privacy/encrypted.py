@@ -86,6 +86,8 @@ class CKKSParams:
             can add ciphertexts but neither encrypt nor decrypt: the server's role.
         min_clients: the fewest contributors whose sum a key holder decrypts; a round with
             fewer is skipped.
+        disclose_per_lab: each lab also sends its own test confusion matrix in plaintext
+            (per-lab results at the server): an opt-in disclosure, off by default.
     """
 
     poly_modulus_degree: int = 8192
@@ -97,6 +99,7 @@ class CKKSParams:
     secret_context: str | None = None
     public_context: str | None = None
     min_clients: int = 3
+    disclose_per_lab: bool = False
 
     def __post_init__(self) -> None:
         if int(self.min_clients) < 2:
@@ -178,26 +181,44 @@ def holds_secret_key(path: str | Path) -> bool:
     return False
 
 
+class KeyFileError(ValueError):
+    """A CKKS key file that is not a TenSEAL context, or lacks the secret key a lab needs."""
+
+
+class KeyFileMissing(FileNotFoundError):
+    """A CKKS key file named in the config does not exist."""
+
+
+class KeyFileRoleError(PermissionError):
+    """The secret key file handed to the server."""
+
+
 def load_context(path: str | Path, private: bool) -> ts.Context:
     """A context file as written by :func:`write_key_files`, checked for its role; the
-    server's (``private=False``) is checked before it is loaded (:func:`holds_secret_key`)."""
+    server's (``private=False``) is checked before it is loaded (:func:`holds_secret_key`).
+    mer's own errors (the entry points print them as ``mer: ...``), naming the file."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"ckks: no context file {path}; make the pair with "
-                                "python -m mer.privacy.keys --out DIR")
-    if not private and holds_secret_key(path):
-        raise PermissionError(f"ckks: {path} holds the secret key: the server must get "
-                              f"only {PUBLIC_FILE} (privacy.public_context); it was not loaded")
+        raise KeyFileMissing(f"ckks: no context file {path}; make the pair with "
+                             "python -m mer.privacy.keys --out DIR")
+    try:
+        secret = not private and holds_secret_key(path)
+    except ValueError as e:
+        raise KeyFileError(str(e)) from e
+    if secret:
+        raise KeyFileRoleError(f"ckks: {path} holds the secret key: the server must get "
+                               f"only {PUBLIC_FILE} (privacy.public_context); it was not "
+                               "loaded")
     try:
         ctx = ts.context_from(path.read_bytes())
     except Exception as e:
-        raise ValueError(f"ckks: {path} is not a TenSEAL context file ({e})") from e
+        raise KeyFileError(f"ckks: {path} is not a TenSEAL context file ({e})") from e
     if private and not ctx.is_private():
-        raise ValueError(f"ckks: {path} holds no secret key: a lab needs {SECRET_FILE} "
-                         "(privacy.secret_context), the server the public one")
+        raise KeyFileError(f"ckks: {path} holds no secret key: a lab needs {SECRET_FILE} "
+                           "(privacy.secret_context), the server the public one")
     if not private and ctx.is_private():
-        raise PermissionError(f"ckks: {path} holds the secret key: the server must get "
-                              f"only {PUBLIC_FILE} (privacy.public_context)")
+        raise KeyFileRoleError(f"ckks: {path} holds the secret key: the server must get "
+                               f"only {PUBLIC_FILE} (privacy.public_context)")
     return ctx
 
 

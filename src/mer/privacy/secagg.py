@@ -96,12 +96,15 @@ class MaskParams:
         min_clients: the fewest labs whose sum may be released; a round with fewer is skipped.
         threshold: t of the t-of-n sharing; None: ``max(min_clients, n // 2 + 1)`` for the n
             labs that advertised keys (:func:`threshold_for`).
+        disclose_per_lab: each lab also sends its own test confusion matrix in plaintext
+            (per-lab results at the server): an opt-in disclosure, off by default.
     """
 
     mask_bits: int = 64
     frac_bits: int = 24
     min_clients: int = 3
     threshold: int | None = None
+    disclose_per_lab: bool = False
 
     def __post_init__(self) -> None:
         if not 8 <= int(self.mask_bits) <= 64:
