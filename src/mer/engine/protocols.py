@@ -107,6 +107,54 @@ def loso_folds(samples: FlowSamples, val_subjects: float = 0.0, seed: int = 0) -
     return folds
 
 
+def augment_folds(samples: FlowSamples, folds: list[Fold], augmenter=None
+                  ) -> tuple[FlowSamples, list[Fold]]:
+    """The neutral hook for training-set augmentation: ``augmenter(samples, folds)`` returns
+    samples with rows appended and folds whose training positions include some of them (e.g.
+    ``mer.data.generate.augment``); None leaves both as they are.
+
+    Checked here, whatever the augmenter: the original rows are kept in place; test and
+    validation positions are unchanged (nothing added is ever evaluated or used to select);
+    every added row is marked ``generated`` in the meta, and no subject in its
+    ``from_subjects`` (``;``-joined subject keys whose faces or motion it was made from) is a
+    test or validation subject of a fold that trains on it.
+
+    Raises:
+        ProtocolError: naming the fold and the row that break one of these.
+    """
+    if augmenter is None:
+        return samples, folds
+    n = len(samples.meta)
+    out, new_folds = augmenter(samples, folds)
+    keys = out.meta["subject_key"].to_numpy()
+    if len(out.meta) < n or not (out.meta["subject_key"].iloc[:n].to_numpy() ==
+                                 samples.meta["subject_key"].to_numpy()).all():
+        raise ProtocolError("augmentation changed the original samples; it may only append")
+    flags = out.meta["generated"].to_numpy(bool) if "generated" in out.meta else \
+        np.zeros(len(out.meta), bool)
+    if not flags[n:].all() or flags[:n].any():
+        raise ProtocolError("augmentation: every added sample must be marked generated=True "
+                            "and no original one")
+    used = out.meta["from_subjects"].to_numpy() if "from_subjects" in out.meta else None
+    for old, new in zip(folds, new_folds, strict=True):
+        for side in ("test_idx", "val_idx"):
+            if not np.array_equal(getattr(old, side), getattr(new, side)):
+                raise ProtocolError(f"fold '{old.name}': augmentation changed its {side[:-4]} "
+                                    "split; generated samples may join training only")
+        added = np.setdiff1d(new.train_idx, old.train_idx)
+        if (added < n).any():
+            raise ProtocolError(f"fold '{old.name}': augmentation added original samples")
+        held_out = set(keys[np.concatenate([old.test_idx, old.val_idx])])
+        for i in added:
+            leaked = held_out & set(str(used[i]).split(";")) if used is not None else set()
+            if keys[i] in held_out or leaked:
+                raise ProtocolError(
+                    f"fold '{old.name}': generated sample {out.meta['clip'].iloc[i]} was made "
+                    f"from held-out subject(s) {sorted(leaked | ({keys[i]} & held_out))}")
+        check_split(out, new)
+    return out, new_folds
+
+
 # Databases recorded from the same people: never one on each side of a cross-database split.
 SAME_PEOPLE: tuple[frozenset[str], ...] = (frozenset({"samm", "samm_lv"}),)
 
@@ -284,9 +332,13 @@ def _safe(name: str) -> str:
     return name.replace("/", "_")
 
 
+class NonFiniteError(ValueError):
+    """A model produced NaN or infinite outputs; nothing was scored."""
+
+
 def refuse_non_finite(probs: np.ndarray, samples: FlowSamples, index: np.ndarray,
                       who: str, fix: str | None = None) -> None:
-    """Raise ValueError if ``probs`` (n, K), predicted for ``samples`` at ``index`` (n,), holds
+    """Raise :class:`NonFiniteError` if ``probs`` (n, K), predicted for ``samples`` at ``index`` (n,), holds
     NaN or inf, naming ``who`` (``fold synA/sub03``) and the first clips affected."""
     probs = np.asarray(probs)
     bad = ~np.isfinite(probs).all(axis=1) if probs.ndim == 2 else ~np.isfinite(probs)
@@ -298,7 +350,7 @@ def refuse_non_finite(probs: np.ndarray, samples: FlowSamples, index: np.ndarray
     clips = ", ".join(f"{d}/{s}/{c}" for d, s, c in
                       zip(meta["database"], meta["subject"], meta["clip"]))
     more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
-    raise ValueError(
+    raise NonFiniteError(
         f"{who} produced {kind} probabilities for clip {clips}{more} ({len(rows)} of "
         f"{len(probs)} test clips). "
         + (fix or "The model diverged: lower model.lr, check the training loss in the "

@@ -1,0 +1,39 @@
+"""Config rules of driven generation (``data.augment``, ``generate_augment``, ``deidentify``),
+joined to ``mer.config_check.RULES`` so that ``mer.run`` checks them before any work."""
+
+from __future__ import annotations
+
+from mer.config_rules import POS_INT, Int, Num, OneOf, Prob, Rule, Text
+
+# data configs inside other keys (as mer.config_check.DATA_ELSEWHERE: a pretraining set)
+DATA_ELSEWHERE = ("model.pretrain.data",)
+ODD = "odd, >= 3: onset, apex in the middle, offset"
+
+_DATA: tuple[Rule, ...] = (
+    Rule("data.augment.generate", Int(0),
+         "generated sequences per training clip of each fold; 0: none"),
+    Rule("data.augment.drivers", Int(1), "driving clips of the same class fused per sequence"),
+    Rule("data.augment.phases", Int(3), f"knots of normalised time ({ODD})"),
+    Rule("data.augment.frames", Int(3), f"frames per generated clip ({ODD})"),
+    Rule("data.augment.fusion", OneOf(choices=("median", "mean"))),
+)
+RULES: tuple[Rule, ...] = _DATA + tuple(  # a data config elsewhere (a pretraining set): same
+    Rule(f"{where}.{r.key[len('data.'):]}", r.check, r.note)
+    for where in DATA_ELSEWHERE for r in _DATA) + (
+    Rule("generate_augment.generate", Int(1), "K of the augmented arm (the baseline has 0)"),
+    Rule("generate_augment.motion_check.samples", Int(0),
+         "driven sequences whose flow is compared with the fused true motion (SynME)"),
+    Rule("generate_augment.motion_check.drivers", Int(1)),
+    Rule("deidentify.identities.preset", Text(), "the SynME preset whose faces are the new "
+         "identities"),
+    Rule("deidentify.identities.seed", Int(0), "a seed other than data.seed: other people"),
+    Rule("deidentify.face", Text(null=True), "a face image (landmarks found by the detector)"),
+    Rule("deidentify.frames", Int(3), f"frames per re-rendered clip ({ODD})"),
+    Rule("deidentify.phases", Int(3), ODD),
+    Rule("deidentify.identity.size", Int(16), "side of the face images of the identity "
+         "classifier"),
+    Rule("deidentify.identity.train_fraction", Prob(open_lo=True, open_hi=True, eg=0.5),
+         "share of each subject's clips the identity classifier trains on"),
+    Rule("deidentify.identity.radius", POS_INT, "LBPH radius"),
+    Rule("deidentify.margin", Num(lo=0, eg=0.1), "allowed UF1 drop on de-identified clips"),
+)

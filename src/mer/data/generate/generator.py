@@ -1,0 +1,154 @@
+"""A driven-sequence generator over a set of clips: caches each clip's landmarks and driving
+flows, renders fused motions onto source faces and writes them as frame folders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from mer.data.generate.errors import GenerationError
+from mer.data.generate.motion import (
+    FUSIONS,
+    Clip,
+    check_classes,
+    clip_landmarks,
+    driving_flows,
+    driving_motion,
+    fuse_motions,
+    triangles,
+)
+from mer.data.generate.render import render_sequence, write_frames
+
+VERSION = "1"  # bump when the frames made for the same inputs change
+DONE = ".done"
+
+
+@dataclass
+class GenerateParams:
+    """How a driven sequence is made.
+
+    Attributes:
+        drivers: driving clips fused per sequence (the target clip and others of its class).
+        phases: knots of normalised time (0 onset .. 0.5 apex .. 1 offset) the motion is
+            measured and fused at (odd, >= 3).
+        frames: frames of a generated clip (odd, >= 3; the middle one is the apex).
+        fusion: ``median`` or ``mean`` over the drivers, per point and phase.
+        flow: the data's ``flow`` settings (``method``, ``method_params``) for driving flows.
+    """
+
+    drivers: int = 3
+    phases: int = 5
+    frames: int = 9
+    fusion: str = "median"
+    flow: dict = field(default_factory=lambda: {"method": "tvl1"})
+
+    def __post_init__(self) -> None:
+        if self.drivers < 1:
+            raise GenerationError(f"data.augment.drivers={self.drivers}: need >= 1")
+        if self.phases < 3 or self.phases % 2 == 0:
+            raise GenerationError(f"data.augment.phases={self.phases}: need an odd number >= 3 "
+                                  "(onset, apex in the middle, offset)")
+        if self.frames < 3 or self.frames % 2 == 0:
+            raise GenerationError(f"data.augment.frames={self.frames}: need an odd number >= 3")
+        if self.fusion not in FUSIONS:
+            raise GenerationError(f"data.augment.fusion={self.fusion!r}: use one of "
+                                  f"{list(FUSIONS)}")
+        self.flow = {k: v for k, v in dict(self.flow).items()
+                     if k in ("method", "method_params")}
+
+    def key(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=str)
+
+
+class DrivenGenerator:
+    """Renders driven sequences of ``clips`` (by id) into ``out_dir``; content-keyed, so a
+    sequence already made for the same frames and settings is reused.
+
+    Args:
+        clips: every clip that may be a source face or a driver, by :attr:`Clip.id`.
+        params: :class:`GenerateParams`.
+        out_dir: where generated clip folders are written.
+        class_names: for messages.
+        detector: face detector for clips without known landmarks (default: MediaPipe).
+    """
+
+    def __init__(self, clips: dict[str, Clip], params: GenerateParams, out_dir: str | Path,
+                 class_names: list[str] | None = None, detector=None) -> None:
+        self.clips, self.params, self.out_dir = clips, params, Path(out_dir)
+        self.class_names, self.detector = class_names, detector
+        self._landmarks: dict[str, np.ndarray] = {}
+        self._flows: dict[str, np.ndarray] = {}
+        self._sha: dict[str, str] = {}
+        self.phases = np.linspace(0.0, 1.0, params.phases)
+
+    def landmarks(self, clip_id: str) -> np.ndarray:
+        if clip_id not in self._landmarks:
+            clip = self.clips[clip_id]
+            if clip.landmarks is None and self.detector is None:
+                from mer.data.preprocess.face import make_detector
+
+                self.detector = make_detector("mediapipe")
+            self._landmarks[clip_id] = clip_landmarks(clip, self.detector)
+        return self._landmarks[clip_id]
+
+    def flows(self, clip_id: str) -> np.ndarray:
+        if clip_id not in self._flows:
+            threads = cv2.getNumThreads()
+            cv2.setNumThreads(1)  # as the preprocessing workers: same flows, no contention
+            try:
+                self._flows[clip_id] = driving_flows(self.clips[clip_id], self.phases,
+                                                     self.params.flow)
+            finally:
+                cv2.setNumThreads(threads)
+        return self._flows[clip_id]
+
+    def fused_motion(self, target: str, source_landmarks: np.ndarray, drivers: list[str],
+                     tri: np.ndarray) -> np.ndarray:
+        """(P, M, 2) motion of ``drivers`` (all of ``target``'s class) in the source's frame."""
+        check_classes(self.clips[target], [self.clips[d] for d in drivers], self.class_names)
+        motions = [driving_motion(self.flows(d), self.landmarks(d), tri) for d in drivers]
+        return fuse_motions(motions, [self.landmarks(d) for d in drivers], source_landmarks,
+                            self.params.fusion)
+
+    def _frame_sha(self, clip_id: str) -> str:
+        if clip_id not in self._sha:
+            from mer.data.preprocess.cache import file_sha256
+
+            self._sha[clip_id] = file_sha256(self.clips[clip_id].onset_path)
+        return self._sha[clip_id]
+
+    def generate(self, target: str, source: str, drivers: list[str]) -> dict:
+        """Render the motion of ``drivers`` (fused) on the face of clip ``source``'s onset frame.
+
+        Returns:
+            {"folder", "onset_path", "apex_path", "onset", "apex", "offset", "key"}: the clip
+            in the CASME II frame layout (``img1.jpg``..), onset 1, apex in the middle.
+        """
+        key = hashlib.sha256(json.dumps(
+            [VERSION, self.params.key(), target, source, drivers, self._frame_sha(source),
+             [self._frame_sha(d) for d in drivers]]).encode()).hexdigest()[:20]
+        folder = self.out_dir / key
+        n = self.params.frames
+        record = {"folder": str(folder), "onset_path": str(folder / "img1.jpg"),
+                  "apex_path": str(folder / f"img{(n + 1) // 2}.jpg"), "onset": 1,
+                  "apex": (n + 1) // 2, "offset": n, "key": key}
+        if (folder / DONE).exists():
+            check_classes(self.clips[target], [self.clips[d] for d in drivers], self.class_names)
+            return record
+        src_clip = self.clips[source]
+        face = cv2.imread(src_clip.onset_path, cv2.IMREAD_UNCHANGED)
+        if face is None:
+            raise GenerationError(f"source clip {source}: its onset frame "
+                                  f"{src_clip.onset_path} cannot be read")
+        lm = self.landmarks(source)
+        tri = triangles(lm)
+        motion = self.fused_motion(target, lm, drivers, tri)
+        write_frames(render_sequence(face, lm, tri, motion, n), folder)
+        (folder / DONE).write_text(json.dumps({"target": target, "source": source,
+                                               "drivers": drivers}))
+        return record

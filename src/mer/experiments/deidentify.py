@@ -1,0 +1,164 @@
+"""``+experiment=deidentify``: a lab's clips re-rendered onto other faces, the motion kept
+(:mod:`mer.data.generate.deidentify`); what is kept and what is removed.
+
+- **Kept (recognition)**: LOSO on the *original* clips (the lab's recogniser, trained as
+  usual); each fold predicts its test subject's original clips and the same clips
+  de-identified. UF1 / UAR of both, pooled over folds, and the drop.
+- **Removed (identity)**: an LBPH face recogniser (:mod:`mer.data.generate.identity`) trained
+  on the onset and apex frames of part of each subject's original clips
+  (``deidentify.identity.train_fraction``), asked who is on the apex frames of the other clips,
+  original and de-identified. Chance is 1 / subjects.
+
+Outputs: ``deidentify.json``, ``deidentify.md``, ``predictions.csv`` (one row per tested clip,
+``generated``/``deidentified`` columns saying which version it is).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from mer.data.io import atomic_write_text
+from mer.data.samples import FlowSamples
+from mer.experiments.generate_augment import command_line
+
+
+def concat(a: FlowSamples, b: FlowSamples) -> FlowSamples:
+    """Rows of ``a`` then ``b`` (same classes), their frames' sources joined."""
+    from mer.data.inputs import InputSource
+
+    meta = pd.concat([a.meta.assign(generated=False, deidentified=False), b.meta],
+                     ignore_index=True)
+    lm = None if a.landmarks is None or b.landmarks is None else \
+        np.concatenate([a.landmarks, b.landmarks])
+    src = InputSource(**{**a.input_source.__dict__,
+                         "rows": list(a.input_source.rows) + list(b.input_source.rows)})
+    return FlowSamples(np.concatenate([a.x, b.x]), meta, a.class_names, a.excluded,
+                       a.synthetic, a.provenance, lm, {}, src)
+
+
+def identity_split(meta: pd.DataFrame, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) positions: per subject, the first ceil(fraction * n) clips (sorted by
+    clip) train the identity classifier, the rest test it (subjects with one clip: train)."""
+    train, test = [], []
+    for _, g in meta.groupby("subject_key", sort=True):
+        pos = g.sort_values("clip").index.to_numpy()
+        k = min(len(pos), max(1, math.ceil(fraction * len(pos))))
+        train += list(pos[:k])
+        test += list(pos[k:])
+    return np.array(train, np.int64), np.array(test, np.int64)
+
+
+def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
+    """De-identify, measure recognition and identity, write the report; return it."""
+    from mer.data.generate.deidentify import deidentify, image_face, synme_faces
+    from mer.data.generate.errors import GenerationError
+    from mer.data.generate.generator import GenerateParams
+    from mer.data.generate.identity import IdentityClassifier, face_image
+    from mer.data.sources import load_samples
+    from mer.engine.build import prepare_inputs
+    from mer.engine.protocols import Fold, run_folds
+    from mer.engine.report import score_predictions, write_csv
+    from mer.engine.runner import make_folds, pooled_predictions, training_spec
+
+    d = cfg.deidentify
+    cache = cfg.paths.cache_dir
+    samples = load_samples(cfg.data, cache)
+    ids = d.identities
+    if d.get("face"):
+        faces = [image_face(d.face)]
+    else:
+        if cfg.data.get("kind") == "synme" and ids.preset == cfg.data.preset and \
+                int(ids.seed) == int(cfg.data.seed):
+            raise GenerationError(
+                f"deidentify.identities (preset {ids.preset}, seed {ids.seed}) are the lab's "
+                "own subjects (data.preset, data.seed): de-identifying onto them changes "
+                "nothing. Set deidentify.identities.seed to another seed")
+        faces = synme_faces(str(ids.preset), int(ids.seed), cache)
+    flow = OmegaConf.to_container(cfg.data.flow, resolve=True)
+    params = GenerateParams(drivers=1, phases=int(d.phases), frames=int(d.frames), flow=flow)
+    deid = deidentify(samples, faces, params, cache, seed=int(cfg.seed),
+                      progress=bool(cfg.progress))
+    n = len(samples.meta)
+    both = concat(samples, deid)
+    prepare_inputs(OmegaConf.to_container(cfg.model, resolve=True), both)
+    folds = [Fold(f.index, f.name, f.train_idx, np.concatenate([f.test_idx, n + f.test_idx]),
+                  f.val_idx) for f in make_folds(samples, cfg.protocol, int(cfg.seed))]
+    results = run_folds(both, folds, training_spec(cfg, run_dir / "logs"),
+                        workers=cfg.protocol.workers, show_progress=bool(cfg.progress))
+    pred = pooled_predictions(both, folds, results)
+    pred["deidentified"] = pred["generated"].astype(bool)
+    write_csv(pred, run_dir / "predictions.csv")
+    scores = {name: score_predictions(pred[pred["deidentified"] == flag], samples.class_names)
+              for name, flag in (("original", False), ("deidentified", True))}
+    # identity leakage
+    size, frac = int(d.identity.size), float(d.identity.train_fraction)
+    tr, te = identity_split(samples.meta, frac)
+    rows = samples.input_source.rows
+    drows = deid.input_source.rows
+
+    def apex_path(row: dict) -> str:
+        from mer.data.preprocess.apex import frame_path
+
+        return str(frame_path(row["onset_path"], int(row["onset"]), int(row["apex"])))
+
+    clf = IdentityClassifier(radius=int(d.identity.get("radius", 1)))
+    keys = samples.meta["subject_key"].tolist()
+    images, labels = [], []
+    for i in tr:
+        images += [face_image(rows[i]["onset_path"], size), face_image(apex_path(rows[i]), size)]
+        labels += [keys[i], keys[i]]
+    clf.fit(images, labels)
+    test_keys = [keys[i] for i in te]
+    acc_orig = clf.accuracy([face_image(apex_path(rows[i]), size) for i in te], test_keys)
+    acc_deid = clf.accuracy([face_image(apex_path(drows[i]), size) for i in te], test_keys)
+    n_subjects = len(set(keys))
+    o, dd = scores["original"]["overall"], scores["deidentified"]["overall"]
+    margin = float(d.get("margin", 0.1))
+    report = {
+        "name": cfg.name, "synthetic": samples.synthetic,
+        "label": "synthetic (SynME)" if samples.synthetic else "real",
+        "command": command_line(), "seed": int(cfg.seed), "model": cfg.model.name,
+        "protocol": {"name": cfg.protocol.name, "selection": cfg.protocol.select,
+                     "epochs": int(cfg.trainer.max_epochs), "folds": len(folds)},
+        "new_faces": sorted({f for f in deid.meta["source"]}),
+        "recognition": {k: v["overall"] for k, v in scores.items()},
+        "uf1_drop": o["uf1"] - dd["uf1"], "margin": margin,
+        "within_margin": bool(o["uf1"] - dd["uf1"] <= margin),
+        "identity": {"classifier": "LBPH (cv2.face)", "subjects": n_subjects,
+                     "train_images": len(images), "test_clips": int(len(te)),
+                     "accuracy_original": acc_orig, "accuracy_deidentified": acc_deid,
+                     "chance": 1.0 / n_subjects},
+    }
+    atomic_write_text(run_dir / "deidentify.json", json.dumps(report, indent=2, default=str))
+    atomic_write_text(run_dir / "deidentify.md", markdown(report))
+    print(markdown(report))
+    return report
+
+
+def markdown(r: dict) -> str:
+    rec, idn = r["recognition"], r["identity"]
+    return "\n".join([
+        f"# De-identification: motion kept, identity removed? ({r['label']})", "",
+        f"Command: `{r['command']}`", "",
+        f"Recogniser {r['model']} trained on the original clips ({r['protocol']['name']}, "
+        f"{r['protocol']['folds']} folds, {r['protocol']['selection']} epoch of "
+        f"{r['protocol']['epochs']}); each fold tests its subject's clips, original and "
+        f"re-rendered on {len(r['new_faces'])} new face(s).", "",
+        "| test clips | n | UF1 | UAR | accuracy |", "|---|---|---|---|---|",
+        *[f"| {k} | {m['n']} | {m['uf1']:.4f} | {m['uar']:.4f} | {m['accuracy']:.4f} |"
+          for k, m in rec.items()], "",
+        f"UF1 drop {r['uf1_drop']:+.4f} (margin {r['margin']}: "
+        f"{'within' if r['within_margin'] else 'NOT within'}).", "",
+        f"Identity ({idn['classifier']}, {idn['subjects']} subjects, trained on "
+        f"{idn['train_images']} original frames, tested on the apex frames of "
+        f"{idn['test_clips']} held-out clips):", "",
+        "| test frames | identity accuracy |", "|---|---|",
+        f"| original | {idn['accuracy_original']:.4f} |",
+        f"| de-identified | {idn['accuracy_deidentified']:.4f} |",
+        f"| chance (1 / subjects) | {idn['chance']:.4f} |", ""])
