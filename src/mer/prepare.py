@@ -34,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mer.cli import user_errors_exit
 from mer.config_check import check_or_exit
-from mer.run import CONFIG_DIR
+from mer.engine.runlock import one_run_per_folder
+from mer.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,10 @@ def prepare(cfg: DictConfig, out_dir: str | Path | None = None) -> dict[str, Any
     return report
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 @user_errors_exit
+@one_run_per_folder(hint="rerun the same command to continue: the clips prepared so far are "
+                    "kept in {cache_dir}")  # Ctrl-C / SIGTERM / disk full: one clear line
 def main(cfg: DictConfig) -> None:
     """Preprocess ``cfg.data`` into the cache and write the prepare report."""
     check_or_exit(cfg)  # every problem of the config on stderr, exit 2, before any work

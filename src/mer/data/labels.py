@@ -25,9 +25,13 @@ Schemes:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
+
+from mer.registry import Registry
 
 COMPOSITE_CLASSES = ["negative", "positive", "surprise"]
 _COMPOSITE_MAP = {
@@ -120,6 +124,97 @@ def _composite(family: str, emotion: str, subject: str, clip: str) -> tuple[str 
     return _COMPOSITE_MAP[emotion], ""
 
 
+@dataclass(frozen=True)
+class LabelScheme:
+    """A named scheme: ``classes(table)`` -> the class names (in label order) and
+    ``label(family, emotion, row)`` -> ``(class name or None, why it is None)``; ``row`` is
+    the sample's table row (``subject``, ``clip``, ``aus``, ``objective``...). A bad cell
+    raises :class:`LabelError` (the caller adds the database and row)."""
+
+    classes: Callable[[pd.DataFrame], list[str]]
+    label: Callable[[str, str, Any], tuple[str | None, str]]
+
+
+LABEL_SCHEMES: Registry[LabelScheme] = Registry(
+    "label scheme", hint="data.label_scheme, or a mapping {emotion: class}", error=LabelError)
+
+
+def label_scheme(name: str, classes: list[str] | Callable[[pd.DataFrame], list[str]]):
+    """Decorator registering ``label(family, emotion, row)`` as scheme ``name`` with fixed
+    ``classes`` (a list) or classes read from the table (a function)."""
+    of_table = classes if callable(classes) else (lambda _table: list(classes))
+
+    def add(label: Callable[[str, str, Any], tuple[str | None, str]]):
+        LABEL_SCHEMES.register(name, LabelScheme(of_table, label))
+        return label
+
+    return add
+
+
+@label_scheme("composite", COMPOSITE_CLASSES)
+def _composite_label(family: str, emotion: str, r: Any) -> tuple[str | None, str]:
+    return _composite(family, emotion, str(r.subject), str(r.clip))
+
+
+@label_scheme("casme2_5class", CASME2_5CLASS)
+def _casme2_5class(family: str, emotion: str, r: Any) -> tuple[str | None, str]:
+    name = emotion if emotion in CASME2_5CLASS else None
+    return name, "" if name else f"'{emotion}' is not one of the CASME II 5 classes"
+
+
+def _objective_of(r: Any) -> tuple[str, str]:
+    """(class I..VII, its source in words): the sheet's own, else from the AU combination."""
+    own = getattr(r, "objective", "")
+    own = "" if pd.isna(own) else str(own).strip().upper()
+    if own and own not in OBJECTIVE_CLASSES:
+        raise LabelError(f"objective class '{own}' is not one of I..VII")
+    if own:
+        return own, "the sheet's objective class"
+    return objective_class(tuple(r.aus)), \
+        f"the objective class of AUs {'+'.join(map(str, r.aus)) or 'none'}"
+
+
+@label_scheme("objective", OBJECTIVE_CLASSES)
+def _objective(family: str, emotion: str, r: Any) -> tuple[str | None, str]:
+    return _objective_of(r)[0], ""
+
+
+@label_scheme("objective5", OBJECTIVE5_CLASSES)
+def _objective5(family: str, emotion: str, r: Any) -> tuple[str | None, str]:
+    name, source = _objective_of(r)
+    if name not in OBJECTIVE5_CLASSES:
+        return None, (f"{source} is {name}; objective5 keeps I..V (the MEGC2018 "
+                      "cross-database classes)")
+    return name, ""
+
+
+def _table_emotions(table: pd.DataFrame) -> list[str]:
+    # the words as compared by the schemes; a blank emotion is no class
+    return sorted({_emotion(e) for e in table["emotion"]} - {""})
+
+
+@label_scheme("emotion", _table_emotions)
+def _own_emotion(family: str, emotion: str, r: Any) -> tuple[str | None, str]:
+    return emotion or None, "" if emotion else f"no emotion in the sheet (row {r.row})"
+
+
+def _mapping_scheme(scheme: Mapping[str, str]) -> LabelScheme:
+    """The scheme of a configured ``{emotion: class}`` mapping (emotions absent from it, or
+    mapped to null, are excluded with that reason)."""
+    mapping = _mapping(scheme)
+    classes = sorted({str(v) for v in mapping.values() if v is not None})
+
+    def label(family: str, emotion: str, r: Any) -> tuple[str | None, str]:
+        name = mapping.get(emotion)
+        if name is not None:
+            return str(name), ""
+        return None, (f"emotion '{emotion}' mapped to null in the configured mapping"
+                      if emotion in mapping else
+                      f"emotion '{emotion}' not in the configured mapping")
+
+    return LabelScheme(lambda _table: classes, label)
+
+
 def apply_label_scheme(
     table: pd.DataFrame, scheme: str | Mapping[str, str], family: str | Mapping[str, str]
 ) -> tuple[pd.DataFrame, list[str], list[dict]]:
@@ -128,7 +223,8 @@ def apply_label_scheme(
     Args:
         table: sample table (see ``mer.data.samples``) with ``database, subject, clip, emotion,
             aus, row``.
-        scheme: a scheme name (module docstring) or an ``{emotion: class}`` mapping.
+        scheme: a scheme name (module docstring; :data:`LABEL_SCHEMES`) or an
+            ``{emotion: class}`` mapping.
         family: the database family, or ``{database: family}``.
 
     Returns:
@@ -143,57 +239,13 @@ def apply_label_scheme(
         if missing:
             raise LabelError(f"database '{missing[0]}' has no family in {dict(families)}: add "
                              "it (data.families) so that the scheme knows its emotion words")
-    if isinstance(scheme, Mapping):
-        scheme = _mapping(scheme)
+    rule = _mapping_scheme(scheme) if isinstance(scheme, Mapping) else LABEL_SCHEMES.get(scheme)
+    classes = rule.classes(table)
     rows, labels, excluded = [], [], []
-    if isinstance(scheme, Mapping):
-        classes = sorted({str(v) for v in scheme.values() if v is not None})
-    elif scheme == "composite":
-        classes = COMPOSITE_CLASSES
-    elif scheme == "casme2_5class":
-        classes = CASME2_5CLASS
-    elif scheme == "objective":
-        classes = OBJECTIVE_CLASSES
-    elif scheme == "objective5":
-        classes = OBJECTIVE5_CLASSES
-    elif scheme == "emotion":  # the words as compared below; a blank emotion is no class
-        classes = sorted({_emotion(e) for e in table["emotion"]} - {""})
-    else:
-        raise LabelError(
-            f"unknown label scheme '{scheme}': use composite, casme2_5class, emotion, objective, "
-            "objective5 or a mapping {emotion: class}"
-        )
     for pos, r in enumerate(table.itertuples(index=False)):
         fam = families[r.database] if families is not None else family
-        emotion = _emotion(r.emotion)
-        reason = ""
         try:
-            if isinstance(scheme, Mapping):
-                name = scheme.get(emotion)
-                reason = "" if name is not None else (
-                    f"emotion '{emotion}' mapped to null in the configured mapping"
-                    if emotion in scheme else f"emotion '{emotion}' not in the configured mapping")
-                name = None if name is None else str(name)
-            elif scheme == "composite":
-                name, reason = _composite(fam, emotion, str(r.subject), str(r.clip))
-            elif scheme == "casme2_5class":
-                name = emotion if emotion in CASME2_5CLASS else None
-                reason = "" if name else f"'{emotion}' is not one of the CASME II 5 classes"
-            elif scheme in ("objective", "objective5"):
-                own = getattr(r, "objective", "")
-                own = "" if pd.isna(own) else str(own).strip().upper()
-                if own and own not in OBJECTIVE_CLASSES:
-                    raise LabelError(f"objective class '{own}' is not one of I..VII")
-                name = own or objective_class(tuple(r.aus))
-                if scheme == "objective5" and name not in OBJECTIVE5_CLASSES:
-                    source = "the sheet's objective class" if own else \
-                        f"the objective class of AUs {'+'.join(map(str, r.aus)) or 'none'}"
-                    reason = (f"{source} is {name}; objective5 keeps I..V (the MEGC2018 "
-                              "cross-database classes)")
-                    name = None
-            else:
-                name = emotion or None
-                reason = "" if name else f"no emotion in the sheet (row {r.row})"
+            name, reason = rule.label(fam, _emotion(r.emotion), r)
         except LabelError as e:
             raise LabelError(
                 f"{r.database}, sheet row {r.row} (subject {r.subject}, clip {r.clip}): {e}. "

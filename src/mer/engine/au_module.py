@@ -23,20 +23,26 @@ class AUMERModule(MERModule):
     Prior ratio (``net.set_prior_ratio``), set at the start of each training epoch e:
     ``decay``: r = prior_ratio0 * (1 - e / max_epochs), from prior_ratio0 at the first epoch
     down to prior_ratio0 / max_epochs at the last (centralised training); ``fixed``: r =
-    prior_ratio0 throughout (federated: 0.3). Validation and prediction use the ratio of the
+    prior_ratio0 throughout (federated: 0.3); ``official``: the FED-PsyAU authors' schedule
+    ``r_e = r_(e-1) * (1 - (e + 1) / E)``, r_(-1) = prior_ratio0 (a product: it falls much
+    faster and is 0 at the last epoch). ``decay`` on a network built with
+    ``fidelity="official"`` means ``official``. Validation and prediction use the ratio of the
     last training epoch; it is saved in checkpoints. ``w_au = 0`` turns the AU loss off.
     """
 
     def __init__(
         self, net: nn.Module, num_classes: int, lr: float = 1e-3, weight_decay: float = 0.0,
         optimizer: str = "adam", class_names: list[str] | None = None, w_emotion: float = 0.2,
-        w_au: float = 0.8, prior_schedule: Literal["decay", "fixed"] = "decay",
+        w_au: float = 0.8, prior_schedule: Literal["decay", "fixed", "official"] = "decay",
         prior_ratio0: float = 1.0,
     ) -> None:
         super().__init__(net, num_classes, lr=lr, weight_decay=weight_decay,
                          optimizer=optimizer, class_names=class_names)
-        if prior_schedule not in ("decay", "fixed"):
-            raise ValueError(f"prior_schedule must be 'decay' or 'fixed', got {prior_schedule!r}")
+        if prior_schedule not in ("decay", "fixed", "official"):
+            raise ValueError(f"prior_schedule must be 'decay', 'fixed' or 'official', got "
+                             f"{prior_schedule!r}")
+        if prior_schedule == "decay" and getattr(net, "fidelity", "mer") == "official":
+            prior_schedule = "official"
         self.w_emotion, self.w_au = w_emotion, w_au
         self.prior_schedule, self.prior_ratio0 = prior_schedule, prior_ratio0
 
@@ -47,6 +53,8 @@ class AUMERModule(MERModule):
         """The prior ratio r for a training epoch (0-based) under this module's schedule."""
         if self.prior_schedule == "fixed" or not max_epochs or max_epochs < 0:
             return self.prior_ratio0
+        if self.prior_schedule == "official":
+            return official_prior_ratio(self.prior_ratio0, epoch, max_epochs)
         return self.prior_ratio0 * (1.0 - epoch / max_epochs)
 
     def on_train_epoch_start(self) -> None:
@@ -92,3 +100,13 @@ class AUMERModule(MERModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "prior_ratio" in checkpoint and hasattr(self.net, "set_prior_ratio"):
             self.net.set_prior_ratio(checkpoint["prior_ratio"])
+
+
+def official_prior_ratio(r0: float, epoch: int, max_epochs: int) -> float:
+    """The FED-PsyAU authors' prior ratio at 0-based ``epoch`` of E = ``max_epochs``:
+    ``prod_{e=0..epoch} (1 - (e + 1) / E) * r0`` (their ``ratio *= 1 - (epoch + 1) / epochs``
+    at the start of each epoch)."""
+    r = float(r0)
+    for e in range(epoch + 1):
+        r *= 1.0 - (e + 1) / max_epochs
+    return r

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mer.models.dpk_gat import FACE_TEMPLATE_68
+from mer.data.landmarks import FACE_TEMPLATE_68
 from mer.models.registry import register_model
 
 # iBUG landmark groups whose centre places each region, in mosaic order

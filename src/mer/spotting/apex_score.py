@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mer.spotting.base import register_spotter
 from mer.spotting.learned import LearnedSpotter
-from mer.spotting.registry import register_spotter
 from mer.spotting.videos import SpotVideo
 
 

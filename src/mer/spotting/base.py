@@ -18,10 +18,26 @@ import numpy as np
 import pandas as pd
 from scipy.signal import find_peaks
 
+from mer.registry import Registry
 from mer.spotting.matching import counts, f1_of, match_intervals
 from mer.spotting.videos import SpotVideo, expected_lengths, resample
 
 TYPES = ("micro", "macro")
+# name -> spotter class. Each spotter file registers its class (``@register_spotter``);
+# :mod:`mer.spotting.registry` imports them all (not done here: config checks import this
+# package and must stay light).
+SPOTTERS: Registry[type] = Registry("spotter", hint="spotting=<name>, conf/spotting/<name>.yaml")
+
+
+def register_spotter(name: str):
+    """Class decorator adding a spotter to :data:`SPOTTERS` under ``name`` (``cls.name``)."""
+
+    def add(cls: type) -> type:
+        SPOTTERS.register(name, cls)
+        cls.name = name
+        return cls
+
+    return add
 PRED_COLUMNS = ["video", "database", "subject", "onset", "apex", "offset", "score", "type"]
 
 

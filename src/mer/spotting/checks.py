@@ -4,7 +4,7 @@ work. Kept here, beside the spotters, so that a new spotter setting is one line 
 
 from __future__ import annotations
 
-from mer.config_check import (
+from mer.config_rules import (
     LR,
     POS_INT,
     SIZE,

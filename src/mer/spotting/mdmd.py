@@ -30,8 +30,7 @@ import math
 
 import numpy as np
 
-from mer.spotting.base import Spotter
-from mer.spotting.registry import register_spotter
+from mer.spotting.base import Spotter, register_spotter
 from mer.spotting.videos import SpotVideo
 
 

@@ -29,10 +29,10 @@ from mambapy.mamba import Mamba, MambaConfig
 from torch import nn
 from torch.nn import functional as F
 
+from mer.spotting.base import register_spotter
 from mer.spotting.labels import CLASSES, emotion_class
 from mer.spotting.learned import LearnedSpotter
 from mer.spotting.module import SpotModule, sliding_scores
-from mer.spotting.registry import register_spotter
 from mer.spotting.videos import SpotVideo
 
 MAX_SPANS = 8

@@ -1,46 +1,30 @@
-"""Spotter registry: ``name -> class`` and ``create_spotter(cfg)`` (like ``mer.models``).
+"""The spotter catalogue: importing this module registers every spotter (``name -> class`` in
+:data:`SPOTTERS`), and ``create_spotter(cfg)`` builds one by name (like ``mer.models``).
 
 A new spotter is one file in ``mer/spotting`` whose class is decorated with
-``@register_spotter("name")`` plus one config file in ``conf/spotting``.
+``@register_spotter("name")`` (:mod:`mer.spotting.base`), one import line here and one config
+file in ``conf/spotting``. The registry itself lives in :mod:`mer.spotting.base`, so that the
+spotter files import no catalogue and this one imports them: no import circle, and a config
+check (which imports only :mod:`mer.spotting.checks`) loads no network.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-SPOTTERS: dict[str, type] = {}
+from mer.spotting import apex_score, mdmd, me_tst, mesfusion  # noqa: F401 (registrations)
+from mer.spotting.base import SPOTTERS, register_spotter
 
-
-def register_spotter(name: str) -> Callable[[type], type]:
-    """Class decorator adding a spotter to the registry under ``name``."""
-
-    def add(cls: type) -> type:
-        if name in SPOTTERS and SPOTTERS[name] is not cls:
-            raise ValueError(f"spotter name '{name}' is already registered by {SPOTTERS[name]}")
-        SPOTTERS[name] = cls
-        cls.name = name
-        return cls
-
-    return add
+__all__ = ["SPOTTERS", "create_spotter", "list_spotters", "register_spotter"]
 
 
 def create_spotter(cfg: Mapping[str, Any], seed: int = 0):
     """Build the spotter a config names (``name`` plus its settings)."""
-    _import_all()
     cfg = dict(cfg)
-    name = cfg.pop("name", None)
-    if name not in SPOTTERS:
-        raise KeyError(f"unknown spotter '{name}'; registered: {sorted(SPOTTERS)} "
-                       "(conf/spotting/<name>.yaml)")
-    return SPOTTERS[name](seed=seed, **cfg)
+    return SPOTTERS.get(cfg.pop("name", None))(seed=seed, **cfg)
 
 
 def list_spotters() -> list[str]:
-    _import_all()
-    return sorted(SPOTTERS)
-
-
-def _import_all() -> None:
-    # Importing the spotter modules runs their @register_spotter decorators.
-    from mer.spotting import apex_score, mdmd, me_tst, mesfusion  # noqa: F401
+    """Every registered spotter name, sorted."""
+    return SPOTTERS.names()

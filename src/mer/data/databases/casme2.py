@@ -27,6 +27,7 @@ from mer.data.databases.common import (
     subject_id,
     text_cell,
 )
+from mer.data.databases.registry import DATABASES
 
 FPS = 200.0
 EMOTIONS = ("happiness", "disgust", "surprise", "repression", "others", "fear", "sadness")
@@ -74,3 +75,13 @@ def read_casme2(
     problems = Problems(sheet, database, on_error)
     table = collect_samples(specs, problems, FPS, emotions, check_images)
     return table, problems.skipped
+
+
+@DATABASES.register("casme2")
+def read_casme2_release(
+    root: str | Path, sheet: str | Path | None = None, **options,
+) -> tuple[pd.DataFrame, list[dict]]:
+    """The real CASME II: :func:`read_casme2` accepting its own emotion words only (SynME,
+    which writes other databases' words in this layout, calls :func:`read_casme2`)."""
+    options.setdefault("emotions", EMOTIONS)
+    return read_casme2(root, sheet, **options)

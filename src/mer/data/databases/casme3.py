@@ -34,12 +34,14 @@ from mer.data.databases.common import (
     read_table,
     text_cell,
 )
+from mer.data.databases.registry import DATABASES
 
 FPS = 30.0
 EMOTIONS = ("anger", "disgust", "fear", "happy", "others", "sad", "surprise")
 _TREES = [".", "part_A", "Part_A", "data/part_A", "part_A/data/part_A"]
 
 
+@DATABASES.register("casme3")
 def read_casme3(
     root: str | Path, sheet: str | Path | None = None, database: str = "casme3",
     on_error: str = "raise", emotions: Iterable[str] | None = EMOTIONS,

@@ -41,6 +41,7 @@ from mer.data.databases.common import (
     read_sheet,
     text_cell,
 )
+from mer.data.databases.registry import DATABASES, LONG_VIDEO
 
 FPS = 30.0
 EMOTIONS = ("negative", "positive", "surprise", "others")
@@ -149,6 +150,7 @@ def list_casme_sq_videos(root: str | Path) -> list[dict]:
             for v in sorted(s.iterdir()) if v.is_dir()]
 
 
+@LONG_VIDEO.register("casme_sq")
 def read_casme_sq_intervals(
     root: str | Path, sheet: str | Path | None = None, database: str = "casme_sq",
     on_error: str = "raise",
@@ -159,6 +161,7 @@ def read_casme_sq_intervals(
     return collect_intervals(specs, problems, FPS), problems.skipped
 
 
+@DATABASES.register("casme_sq")
 def read_casme_sq(
     root: str | Path, sheet: str | Path | None = None, database: str = "casme_sq",
     on_error: str = "raise", emotions: Iterable[str] | None = EMOTIONS,

@@ -44,6 +44,7 @@ from mer.data.databases.common import (
     read_table,
     text_cell,
 )
+from mer.data.databases.registry import DATABASES
 
 FPS_CHOICES = (200.0, 300.0, 500.0)
 EMOTIONS = ("anger", "contempt", "disgust", "fear", "happiness", "sadness", "surprise")
@@ -102,6 +103,7 @@ def _sheets(sheet: str | Path | Mapping | None, parts: list[str]) -> dict[str, P
     return {parts[0]: Path(sheet)}
 
 
+@DATABASES.register("dfme")
 def read_dfme(
     root: str | Path, sheet: str | Path | Mapping | None = None, database: str = "dfme",
     on_error: str = "raise", emotions: Iterable[str] | None = EMOTIONS,

@@ -31,12 +31,14 @@ from mer.data.databases.common import (
     read_table,
     text_cell,
 )
+from mer.data.databases.registry import DATABASES
 
 FPS = 60.0
 EMOTIONS = ("negative", "positive", "surprise", "repression", "others")
 _SEPARATORS = re.compile(r"\s*(?:[+/,&]|\band\b)\s*", re.I)
 
 
+@DATABASES.register("fourdme")
 def read_fourdme(
     root: str | Path, sheet: str | Path | None = None, database: str = "fourdme",
     on_error: str = "raise", emotions: Iterable[str] | None = EMOTIONS,

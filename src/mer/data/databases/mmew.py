@@ -29,11 +29,13 @@ from mer.data.databases.common import (
     read_table,
     text_cell,
 )
+from mer.data.databases.registry import DATABASES
 
 FPS = 90.0
 EMOTIONS = ("anger", "disgust", "fear", "happiness", "others", "sadness", "surprise")
 
 
+@DATABASES.register("mmew")
 def read_mmew(
     root: str | Path, sheet: str | Path | None = None, database: str = "mmew",
     on_error: str = "raise", emotions: Iterable[str] | None = EMOTIONS,

@@ -10,7 +10,7 @@
 ``read_database(name, root, sheet=None, on_error="raise", **options)``:
 
 - ``name``: one of :data:`DATABASES` (``casme2, samm, smic, casme_sq, casme3, samm_lv, mmew,
-  fourdme, dfme``).
+  fourdme, dfme``; each reader file registers itself).
 - ``root``: the release folder (each reader's docstring shows the layout it expects; the
   folder above the release's top folder works too).
 - ``sheet``: the annotation sheet, when it is not in ``root`` under its release name.
@@ -38,42 +38,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from mer.data.databases.casme2 import EMOTIONS as CASME2_EMOTIONS
-from mer.data.databases.casme2 import read_casme2
-from mer.data.databases.casme3 import read_casme3
-from mer.data.databases.casme_sq import read_casme_sq, read_casme_sq_intervals
 from mer.data.databases.common import DatabaseError
-from mer.data.databases.dfme import read_dfme
-from mer.data.databases.fourdme import read_fourdme
-from mer.data.databases.mmew import read_mmew
-from mer.data.databases.samm import read_samm
-from mer.data.databases.samm_lv import read_samm_lv, read_samm_lv_intervals
-from mer.data.databases.smic import read_smic
+from mer.registry import Registry
 
 log = logging.getLogger(__name__)
 
-
-def _casme2(root, sheet=None, **options):
-    # the real CASME II: its own emotion words only (SynME calls read_casme2 directly)
-    options.setdefault("emotions", CASME2_EMOTIONS)
-    return read_casme2(root, sheet, **options)
-
-
-DATABASES: dict[str, Callable[..., tuple[pd.DataFrame, list[dict]]]] = {
-    "casme2": _casme2,
-    "samm": read_samm,
-    "smic": read_smic,
-    "casme_sq": read_casme_sq,
-    "casme3": read_casme3,
-    "samm_lv": read_samm_lv,
-    "mmew": read_mmew,
-    "fourdme": read_fourdme,
-    "dfme": read_dfme,
-}
-LONG_VIDEO: dict[str, Callable[..., tuple[pd.DataFrame, list[dict]]]] = {
-    "casme_sq": read_casme_sq_intervals,
-    "samm_lv": read_samm_lv_intervals,
-}
+Reader = Callable[..., tuple[pd.DataFrame, list[dict]]]
+# Each reader file registers its reader (``@DATABASES.register("samm")``); the package's
+# ``__init__`` imports the reader files, so importing this module finds them all.
+DATABASES: Registry[Reader] = Registry("database", hint="data=<name>, conf/data/",
+                                       error=DatabaseError)
+LONG_VIDEO: Registry[Reader] = Registry("long-video database", error=DatabaseError)
 
 
 def read_database(
@@ -81,10 +56,9 @@ def read_database(
     **options,
 ) -> tuple[pd.DataFrame, list[dict]]:
     """Sample table of database ``name`` under ``root`` and the samples excluded (module doc)."""
-    if name not in DATABASES:
-        raise DatabaseError(f"unknown database '{name}': use one of {sorted(DATABASES)}")
+    reader = DATABASES.get(name)  # an unknown name: DatabaseError listing the databases
     options.setdefault("database", name)
-    table, excluded = DATABASES[name](Path(root), sheet, on_error=on_error, **options)
+    table, excluded = reader(Path(root), sheet, on_error=on_error, **options)
     unknown = [f"row {row}: {', '.join(map(repr, toks))}"
                for row, toks in zip(table["row"], table["au_unknown"]) if toks]
     if unknown:  # kept in au_raw / au_unknown; said here so that nobody is surprised
@@ -100,4 +74,4 @@ def read_intervals(
     if name not in LONG_VIDEO:
         raise DatabaseError(f"'{name}' has no long videos: use one of {sorted(LONG_VIDEO)}")
     options.setdefault("database", name)
-    return LONG_VIDEO[name](Path(root), sheet, on_error=on_error, **options)
+    return LONG_VIDEO.get(name)(Path(root), sheet, on_error=on_error, **options)

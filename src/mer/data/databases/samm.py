@@ -33,11 +33,13 @@ from mer.data.databases.common import (
     subject_id,
     text_cell,
 )
+from mer.data.databases.registry import DATABASES
 
 FPS = 200.0
 EMOTIONS = ("anger", "contempt", "disgust", "fear", "happiness", "sadness", "surprise", "other")
 
 
+@DATABASES.register("samm")
 def read_samm(
     root: str | Path, sheet: str | Path | None = None, database: str = "samm",
     on_error: str = "raise", emotions: Iterable[str] | None = EMOTIONS,

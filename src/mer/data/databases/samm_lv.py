@@ -34,6 +34,7 @@ from mer.data.databases.common import (
     subject_id,
     text_cell,
 )
+from mer.data.databases.registry import DATABASES, LONG_VIDEO
 
 FPS = 200.0
 
@@ -84,6 +85,7 @@ def _micro_emotions(sheet: Path) -> dict[str, str]:
     return {text_cell(n): text_cell(e).lower() for n, e in zip(df[name], df[emotion])}
 
 
+@LONG_VIDEO.register("samm_lv")
 def read_samm_lv_intervals(
     root: str | Path, sheet: str | Path | None = None, database: str = "samm_lv",
     on_error: str = "raise", micro_sheet: str | Path | None = None,
@@ -94,6 +96,7 @@ def read_samm_lv_intervals(
     return collect_intervals(specs, problems, FPS), problems.skipped
 
 
+@DATABASES.register("samm_lv")
 def read_samm_lv(
     root: str | Path, sheet: str | Path | None = None, database: str = "samm_lv",
     on_error: str = "raise", emotions: Iterable[str] | None = None,

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from mer.data.databases.common import FrameIndex, Problems, collect_samples, find_tree
+from mer.data.databases.registry import DATABASES
 
 FPS = 100.0
 EMOTIONS = ("negative", "positive", "surprise")
@@ -33,6 +34,7 @@ def _natural(path: Path) -> tuple:
     return tuple((1, int(t), "") if i % 2 else (0, 0, t) for i, t in enumerate(parts))
 
 
+@DATABASES.register("smic")
 def read_smic(
     root: str | Path, sheet: str | Path | None = None, database: str = "smic",
     on_error: str = "raise", emotions: Iterable[str] | None = EMOTIONS,
