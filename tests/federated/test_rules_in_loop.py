@@ -7,6 +7,8 @@ from fedtoys import fed_cfg, toy_samples
 from mer.federated.loop import FederatedRun
 from mer.federated.partition import natural_clients
 
+PLAIN_SGD = {"name": "sgd", "momentum": 0.0}  # SCAFFOLD's client optimiser
+
 
 def test_scaffold_first_round_controls_are_the_option_ii_formula():
     s = toy_samples(n_db=2, n_subjects=4, learnable=True)
@@ -15,7 +17,8 @@ def test_scaffold_first_round_controls_are_the_option_ii_formula():
     x = [w.copy() for w in run.global_weights]
     updates, _ = run._local_updates(1, [0, 1])
     for u in updates:
-        c_i = run.state[u.name].control  # c = c_i = 0 before: c_i+ = (x - y) / (K lr)
+        c_i = u.new_control  # c = c_i = 0 before: c_i+ = (x - y) / (K lr)
+        assert run.state[u.name].control is None  # kept only once the server accepts it
         for name, ci, xi, yi in zip(run.entry_names, c_i, x, run.state[u.name].last):
             if name in run.param_names:
                 np.testing.assert_allclose(ci, (xi - yi) / (u.steps * 1e-2), rtol=1e-4,
@@ -76,8 +79,8 @@ def test_scaffold_server_control_is_the_mean_client_delta_and_corrects_gradients
     # round 2 trains with the correction c - c_i, so it differs from a FedAvg round 2
     s = toy_samples(n_db=3, n_subjects=4, learnable=True)
     clients = natural_clients(s, seed=0)
-    scaffold, fedavg = (FederatedRun(fed_cfg(rule={"name": rule}), s, clients)
-                        for rule in ("scaffold", "fedavg"))
+    scaffold, fedavg = (FederatedRun(fed_cfg(rule={"name": rule}, client_optimizer=PLAIN_SGD),
+                                     s, clients) for rule in ("scaffold", "fedavg"))
     scaffold.round(1)
     fedavg.round(1)
     for a, b in zip(fedavg.global_weights, scaffold.global_weights):
@@ -92,8 +95,8 @@ def test_single_client_scaffold_equals_fedavg():
     """With one client c = c_i after every round, so the correction vanishes."""
     s = toy_samples(n_db=1, n_subjects=5, learnable=True)
     clients = natural_clients(s, seed=0)
-    runs = [FederatedRun(fed_cfg(rule={"name": rule}), s, clients)
-            for rule in ("scaffold", "fedavg")]
+    runs = [FederatedRun(fed_cfg(rule={"name": rule}, client_optimizer=PLAIN_SGD), s, clients)
+            for rule in ("scaffold", "fedavg")]  # SCAFFOLD's clients use plain SGD: so does FedAvg
     for run in runs:
         for rnd in (1, 2, 3):
             run.round(rnd)

@@ -48,14 +48,29 @@ class MERModule(L.LightningModule):
         self.class_names = class_names or [str(i) for i in range(num_classes)]
         self._val_preds: list[torch.Tensor] = []
         self._val_true: list[torch.Tensor] = []
+        self.momentum: float | None = None
         self.proximal_mu = 0.0
+        self.proximal_norm = "squared"
         self._proximal_anchor: list[torch.Tensor] = []
         self._grad_correction: dict[str, torch.Tensor] = {}
 
-    def set_proximal(self, mu: float, anchor: list[torch.Tensor] | None = None) -> None:
+    def set_optimizer(self, name: str, lr: float | None = None,
+                      momentum: float | None = None) -> None:
+        """Train with optimiser ``name`` (adam, adamw, sgd) instead of the configured one;
+        ``lr`` None keeps the module's; ``momentum`` (sgd only) None: 0.9. SCAFFOLD's clients
+        use plain SGD (``momentum=0``)."""
+        self.optimizer_name = name
+        if lr is not None:
+            self.lr = float(lr)
+        self.momentum = None if momentum is None else float(momentum)
+
+    def set_proximal(self, mu: float, anchor: list[torch.Tensor] | None = None,
+                     norm: str = "squared") -> None:
         """FedProx: add ``mu/2 * ||w - anchor||^2`` over the net's parameters to the training
-        loss (``anchor`` = the round's global parameters, in ``net.parameters()`` order)."""
+        loss (``anchor`` = the round's global parameters, in ``net.parameters()`` order);
+        ``norm="l2"``: ``mu/2 * sum of the unsquared norms per tensor`` (FED-PsyAU's code)."""
         self.proximal_mu = float(mu)
+        self.proximal_norm = norm
         self._proximal_anchor = [a.detach().clone() for a in anchor] if anchor else []
 
     def set_grad_correction(self, correction: dict[str, torch.Tensor] | None) -> None:
@@ -116,7 +131,8 @@ class MERModule(L.LightningModule):
             return 0.0
         from mer.federated.fedprox import proximal_term
 
-        return proximal_term(self.net.parameters(), self._proximal_anchor, self.proximal_mu)
+        return proximal_term(self.net.parameters(), self._proximal_anchor, self.proximal_mu,
+                             self.proximal_norm)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, logits = self.compute_loss(batch)
@@ -141,15 +157,18 @@ class MERModule(L.LightningModule):
         return torch.softmax(self(batch), dim=1)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.parameters(), self.optimizer_name, self.lr, self.weight_decay)
+        return make_optimizer(self.parameters(), self.optimizer_name, self.lr, self.weight_decay,
+                              self.momentum)
 
 
-def make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """The optimiser a model config names: adam, adamw, or sgd (momentum 0.9)."""
+def make_optimizer(params, name: str, lr: float, weight_decay: float,
+                   momentum: float | None = None) -> torch.optim.Optimizer:
+    """The optimiser a model config names: adam, adamw, or sgd (``momentum``, None: 0.9)."""
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9 if momentum is None else momentum,
+                               weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer '{name}': adam, adamw or sgd")

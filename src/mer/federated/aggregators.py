@@ -131,7 +131,8 @@ def fedprox(results: Sequence[ClientResult]) -> Weights:
 
 
 def pfedprox_personalise(
-    client_weights: list[Weights], num_examples: list[int], own: float = 0.9
+    client_weights: list[Weights], num_examples: list[int], own: float = 0.9,
+    mix: list[bool] | None = None,
 ) -> list[Weights]:
     """P-FedProx personalisation of FED-PsyAU (Li et al., 2025).
 
@@ -139,12 +140,17 @@ def pfedprox_personalise(
 
     ``p_k = own * w_k + (1 - own) * sum_{j != k} n_j w_j / sum_{j != k} n_j``
 
-    With a single client, ``p_0 = w_0``.
+    With a single client, ``p_0 = w_0``. ``mix`` (one flag per array): arrays flagged False
+    are not mixed, each client keeps its own (``p_k = w_k`` there). mer mixes every entry,
+    batch-norm statistics included; the authors' code mixes parameters only (their
+    ``named_parameters()`` loop), so its clients keep their own BN buffers
+    (``fidelity=official``).
 
     Args:
         client_weights: K models (each L arrays).
         num_examples: K example counts ``n_k``.
         own: share of the client's own model, in [0, 1] (0.9 in the paper).
+        mix: L flags, or None to mix every array.
 
     Returns:
         K personalised models, in the input order.
@@ -169,6 +175,12 @@ def pfedprox_personalise(
             [client_weights[j] for j in others], [num_examples[j] for j in others]
         )
         mixed = weighted_mean([client_weights[k], other_mean], [own, 1.0 - own])
+        if mix is not None:
+            if len(mix) != len(mixed):
+                raise ValueError(f"pfedprox_personalise: {len(mix)} mix flags for "
+                                 f"{len(mixed)} arrays")
+            mixed = [m if flag else np.array(w, copy=True)
+                     for m, w, flag in zip(mixed, client_weights[k], mix)]
         personalised.append(mixed)
     return personalised
 

@@ -2,7 +2,8 @@
 
 The local loss becomes ``loss + proximal_term(params, global_params, mu)``; the server
 aggregates as FedAvg (:func:`mer.federated.aggregators.fedprox`). FED-PsyAU's P-FedProx uses
-the same term.
+the same term; its authors' code (``Fed_Framework/client.py``) adds the *unsquared* norm of
+each parameter tensor instead (``norm="l2"``, used under ``fidelity=official``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ def proximal_term(
     params: Iterable[torch.Tensor],
     global_params: Iterable[torch.Tensor | np.ndarray],
     mu: float,
+    norm: str = "squared",
 ) -> torch.Tensor:
     """``mu/2 * sum_l ||w_l - w_g,l||^2`` (squared L2 norm), a scalar tensor.
 
     Its gradient with respect to ``w_l`` is ``mu * (w_l - w_g,l)``; the global weights are
     constants (detached). Note: the example in Flower's FedProx docstring adds the plain norm
     ``||w - w_g||``; the paper (and this function) uses the squared norm.
+
+    ``norm="l2"``: ``mu/2 * sum_l ||w_l - w_g,l||``, the unsquared norm of each tensor, as the
+    FED-PsyAU authors' client computes it. Its gradient ``mu/2 * (w_l - w_g,l) / ||w_l -
+    w_g,l||`` has the same size for a tensor however close it is to the anchor (and is 0 at the
+    anchor itself, the subgradient torch's norm takes there).
 
     Args:
         params: the client's trainable tensors (e.g. ``model.parameters()``), any shapes.
@@ -35,6 +42,8 @@ def proximal_term(
     """
     if mu < 0:
         raise ValueError(f"proximal_term: mu must be >= 0, got {mu}")
+    if norm not in ("squared", "l2"):
+        raise ValueError(f"proximal_term: norm must be 'squared' or 'l2', got {norm!r}")
     params = list(params)
     global_params = list(global_params)
     if len(params) != len(global_params):
@@ -50,5 +59,7 @@ def proximal_term(
             raise ValueError(
                 f"proximal_term: parameter #{i} has shape {tuple(w.shape)}, global {tuple(g.shape)}"
             )
-        total = total + (w - g).pow(2).sum()
+        diff = w - g
+        total = total + (diff.pow(2).sum() if norm == "squared" else
+                         torch.linalg.vector_norm(diff))
     return 0.5 * mu * total

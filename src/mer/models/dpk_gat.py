@@ -17,9 +17,16 @@ Pipeline for a flow image x (B, 3, S, S) (u, v, strain; S = 28 from a flow cache
    Inception-style emotion head: one stream on the 12 AU-relation node features, one on the
    flow resized to 28x28; concatenated -> classifier.
 
+``fidelity="official"`` builds the graph part as the authors' released code does (README table
+"FED-PsyAU: mer vs the authors' code"): the global graph's extra AU9 -> AU2 entry, upper / lower
+priors renormalised per row within their block, attention that masks non-edges with 0 (not
+-inf), and per level a 3-head hidden GAT + a 1-head output GAT + a residual (no LayerNorm).
+``freeze_au=True`` freezes everything but the emotion head (the authors' federated model).
+
 Landmarks are (B, 68, 2) pixel coordinates (x, y) in x's frame, iBUG 68-point order, pixel
 centres at integer coordinates. Without landmarks the canonical template
-:data:`FACE_TEMPLATE_68` (a schematic aligned face in unit coordinates) places the patches.
+:data:`mer.data.landmarks.FACE_TEMPLATE_68` (a schematic aligned face, unit coordinates) places
+the patches.
 """
 
 from __future__ import annotations
@@ -32,34 +39,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from mer.data.aus import PSYAU_AUS
-from mer.models.priors import psych_adjacency
+from mer.data.landmarks import FACE_TEMPLATE_68
+from mer.models.priors import check_fidelity, level_prior, psych_adjacency
 from mer.models.registry import register_model
-
-
-def _mirror(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    return [(1.0 - x, y) for x, y in points]
-
-
-def _face_template() -> torch.Tensor:
-    """(68, 2) schematic aligned face, iBUG order, unit coordinates (x right, y down)."""
-    t = torch.linspace(0.0, math.pi, 17)
-    jaw = torch.stack([0.5 - 0.42 * torch.cos(t), 0.40 + 0.57 * torch.sin(t)], dim=1)  # 0-16
-    brow = [(0.17, 0.33), (0.23, 0.29), (0.30, 0.28), (0.37, 0.29), (0.44, 0.31)]  # 17-21
-    nose = [(0.50, 0.42), (0.50, 0.49), (0.50, 0.56), (0.50, 0.63),  # 27-30 bridge
-            (0.42, 0.67), (0.46, 0.685), (0.50, 0.69), (0.54, 0.685), (0.58, 0.67)]  # 31-35
-    eye = [(0.25, 0.43), (0.29, 0.405), (0.34, 0.405), (0.39, 0.435), (0.34, 0.45),
-           (0.29, 0.45)]  # 36-41, outer corner first, clockwise in the image
-    other_eye = _mirror([eye[3], eye[2], eye[1], eye[0], eye[5], eye[4]])  # 42-47
-    outer_lip = [(0.36, 0.80), (0.41, 0.775), (0.46, 0.76), (0.50, 0.765)]  # 48-51
-    outer_lip += _mirror(outer_lip[2::-1])  # 52-54
-    outer_lip += [(0.59, 0.84), (0.54, 0.86), (0.50, 0.865), (0.46, 0.86), (0.41, 0.84)]  # 55-59
-    inner_lip = [(0.39, 0.80), (0.45, 0.79), (0.50, 0.795), (0.55, 0.79), (0.61, 0.80),
-                 (0.55, 0.815), (0.50, 0.82), (0.45, 0.815)]  # 60-67
-    rest = brow + _mirror(brow[::-1]) + nose + eye + other_eye + outer_lip + inner_lip
-    return torch.cat([jaw, torch.tensor(rest)], dim=0)
-
-
-FACE_TEMPLATE_68: torch.Tensor = _face_template()
 
 # The landmarks (iBUG indices) of each AU region and the AU nodes it feeds. Region order makes
 # the AU nodes come out in PSYAU_AUS order.
@@ -73,6 +55,8 @@ assert tuple(au for _, _, aus in AU_REGIONS for au in aus) == PSYAU_AUS
 REGION_LANDMARKS: tuple[int, ...] = tuple(i for _, points, _ in AU_REGIONS for i in points)
 PATCH = 5  # patch side at 28 px scale
 N_AU = len(PSYAU_AUS)
+# The authors' GAT per level: 3 hidden heads of 64 features, then one output head.
+OFFICIAL_HEADS, OFFICIAL_HIDDEN = 3, 64
 
 
 class DPKGATOutput(NamedTuple):
@@ -137,25 +121,54 @@ class _NodeHead(nn.Module):
 
 
 class _GraphLevel(nn.Module):
-    """A DualPriorGATConv over a subset of the AU nodes, with residual and LayerNorm.
+    """Graph attention over a subset of the AU nodes.
 
     adjacency (12, 12): entry [i, j] = 1 gives the edge j -> i (node i attends to j). The prior
     weight of edge j -> i is ``prior[i, j]`` of the (12, 12) matrix passed to ``forward``.
+
+    ``fidelity="mer"``: one multi-head DualPriorGATConv on the edges (hard mask), then
+    ``LayerNorm(h + ELU(gat(h)))``. ``fidelity="official"`` (the authors' ``GAT_based_on_
+    dynamic_prior_knowledge`` plus the residual of ``au_graph_mer.py``)::
+
+        z   = ELU(concat_3 heads gat_k(dropout(h)))          hidden: 3 x 64, no bias
+        out = ELU(gat_out(dropout(z))) + h                    output: 1 head, no bias
+
+    over every pair of the level's nodes with non-edges masked by 0 (``mask="zero"``), and
+    the level's prior renormalised per row within its block (:func:`level_prior`).
     """
 
     def __init__(self, nodes: tuple[int, ...], adjacency: torch.Tensor, dim: int, heads: int,
-                 beta: float, dropout: float) -> None:
+                 beta: float, dropout: float, fidelity: str = "mer") -> None:
         # imported here: torch_geometric takes seconds to import, and the registry imports
         # every model module whenever any model is built
         from mer.models.components import DualPriorGATConv
 
         super().__init__()
+        self.official = fidelity == "official"
         idx = torch.tensor(nodes)
-        target, source = adjacency[idx][:, idx].nonzero(as_tuple=True)
+        block = adjacency[idx][:, idx]
+        if self.official:  # every pair; edge_real marks the graph's edges
+            target, source = torch.ones_like(block).nonzero(as_tuple=True)
+        else:
+            target, source = block.nonzero(as_tuple=True)
         self.register_buffer("nodes", idx, persistent=False)
         self.register_buffer("edge_index", torch.stack([source, target]), persistent=False)
-        self.conv = DualPriorGATConv(dim, dim // heads, heads=heads, beta=beta, dropout=dropout)
-        self.norm = nn.LayerNorm(dim)
+        self.register_buffer("edge_real", block[target, source] > 0, persistent=False)
+        if self.official:
+            self.dropout = dropout
+            self.hidden = DualPriorGATConv(dim, OFFICIAL_HIDDEN, heads=OFFICIAL_HEADS,
+                                           beta=beta, dropout=dropout, bias=False, mask="zero")
+            self.conv = DualPriorGATConv(OFFICIAL_HEADS * OFFICIAL_HIDDEN, dim, heads=1,
+                                         concat=False, beta=beta, dropout=dropout, bias=False,
+                                         mask="zero")
+        else:
+            self.conv = DualPriorGATConv(dim, dim // heads, heads=heads, beta=beta,
+                                         dropout=dropout)
+            self.norm = nn.LayerNorm(dim)
+
+    def convs(self) -> list[nn.Module]:
+        """The level's graph attention layers (for the prior ratio)."""
+        return [self.hidden, self.conv] if self.official else [self.conv]
 
     def forward(self, h: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
         """h (B, n, D) features of this level's nodes, prior (12, 12) -> (B, n, D)."""
@@ -164,9 +177,17 @@ class _GraphLevel(nn.Module):
         offsets = (torch.arange(b, device=h.device) * n).repeat_interleave(e)
         edge_index = self.edge_index.repeat(1, b) + offsets
         source, target = self.nodes[self.edge_index[0]], self.nodes[self.edge_index[1]]
-        weights = prior[target, source].repeat(b)
-        out = self.conv(h.reshape(b * n, d), edge_index, weights).view(b, n, d)
-        return self.norm(h + F.elu(out))
+        if not self.official:
+            weights = prior[target, source].repeat(b)
+            out = self.conv(h.reshape(b * n, d), edge_index, weights).view(b, n, d)
+            return self.norm(h + F.elu(out))
+        weights = level_prior(prior, self.nodes.tolist(), True)[target, source].repeat(b)
+        real = self.edge_real.repeat(b)
+        z = F.dropout(h.reshape(b * n, d), self.dropout, self.training)
+        z = F.elu(self.hidden(z, edge_index, weights, edge_real=real))
+        z = F.dropout(z, self.dropout, self.training)
+        out = self.conv(z, edge_index, weights, edge_real=real).view(b, n, d)
+        return F.elu(out) + h
 
 
 @register_model("dpk_gat")
@@ -187,6 +208,11 @@ class DPKGAT(nn.Module):
         use_data_prior: edge prior weights from :meth:`set_data_prior` (uniform until it is
             called); False: uniform prior weights over the adjacency.
         hierarchical: upper, lower, then global graph; False: one flat graph.
+        fidelity: ``mer`` (default) or ``official``: the graph part as the authors' code
+            builds it (module notes; ``heads`` is then unused: 3 hidden + 1 output head).
+        freeze_au: freeze the AU part (patches, landmark encoder, AU nodes, graph levels, AU
+            heads); only the emotion head trains, as in the authors' federated code (None:
+            False; a federated run under fidelity=official sets True).
     """
 
     uses_aus = True
@@ -195,9 +221,12 @@ class DPKGAT(nn.Module):
         self, num_classes: int = 3, in_channels: int = 3, input_size: int = 28,
         node_dim: int = 32, heads: int = 2, prior_beta: float = 0.3, prior_ratio: float = 1.0,
         use_psych_prior: bool = True, use_data_prior: bool = True, hierarchical: bool = True,
-        dropout: float = 0.2, token_dim: int = 64,
+        dropout: float = 0.2, token_dim: int = 64, fidelity: str = "mer",
+        freeze_au: bool | None = False,
     ) -> None:
         super().__init__()
+        check_fidelity(fidelity)
+        self.fidelity = fidelity
         if node_dim % heads:
             raise ValueError(f"node_dim ({node_dim}) must be a multiple of heads ({heads})")
         self.input_size, self.use_data_prior = input_size, use_data_prior
@@ -226,9 +255,11 @@ class DPKGAT(nn.Module):
         self.aux_au_head = _NodeHead(N_AU, node_dim)
 
         def adjacency(scope: str) -> torch.Tensor:
-            return psych_adjacency(scope) if use_psych_prior else torch.ones(N_AU, N_AU)
+            return psych_adjacency(scope, fidelity) if use_psych_prior else \
+                torch.ones(N_AU, N_AU)
 
-        level = dict(dim=node_dim, heads=heads, beta=prior_beta, dropout=dropout)
+        level = dict(dim=node_dim, heads=heads, beta=prior_beta, dropout=dropout,
+                     fidelity=fidelity)
         upper, lower, every = tuple(range(6)), tuple(range(6, 12)), tuple(range(N_AU))
         if hierarchical:
             self.levels = nn.ModuleList([
@@ -252,6 +283,18 @@ class DPKGAT(nn.Module):
             nn.Linear(64, num_classes),
         )
         self.set_prior_ratio(prior_ratio)
+        if freeze_au:
+            self.freeze_au_model()
+
+    EMOTION_PARTS: tuple[str, ...] = ("au_stream", "flow_stream", "classifier")
+
+    def freeze_au_model(self) -> None:
+        """``requires_grad=False`` on every parameter outside the emotion head
+        (:attr:`EMOTION_PARTS`); batch-norm statistics still update in training mode, as in
+        the authors' code."""
+        for name, p in self.named_parameters():
+            if name.split(".")[0] not in self.EMOTION_PARTS:
+                p.requires_grad_(False)
 
     @property
     def prior_ratio(self) -> float:
@@ -261,7 +304,8 @@ class DPKGAT(nn.Module):
         """Set the prior ratio r of every graph layer (prior attention weight beta * r)."""
         self._prior_ratio = float(r)
         for level in self.levels:
-            level.conv.prior_ratio = float(r)
+            for conv in level.convs():
+                conv.prior_ratio = float(r)
 
     def set_data_prior(self, prior: torch.Tensor) -> None:
         """Use ``prior`` (12, 12), row i the distribution P(j | i) (``priors.data_prior``)."""

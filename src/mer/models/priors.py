@@ -11,6 +11,12 @@ lower-face.
 **Data prior.** A row-normalised AU co-occurrence matrix counted from the *training*
 annotations of a fold (or, federated, summed over clients' counts and normalised once on the
 server): :func:`cooccurrence_counts` then :func:`data_prior`.
+
+**Fidelity.** ``fidelity="official"`` reproduces the authors' released code (MELABIPCAS/
+FED-PsyAU, ``Fed_Framework/models/au_graph_mer.py``): its global graph also has the directed
+entry AU9 -> AU2 (:data:`OFFICIAL_EXTRA_EDGES`), and its upper / lower priors are the blocks of
+the global prior renormalised per row (:func:`level_prior`). mer's default (``"mer"``) keeps
+the symmetric graph of the paper and the raw blocks; see the README's fidelity table.
 """
 
 from __future__ import annotations
@@ -42,27 +48,67 @@ GLOBAL_EDGES: tuple[tuple[int, int], ...] = (
     (7, 9), (7, 10), (7, 12), (7, 14), (7, 15), (7, 17),
 )
 
+# Directed entries of the authors' global adjacency that the paper's graph lacks: (target,
+# source), i.e. row AU9 has a 1 in column AU2 (AU9 attends to AU2; AU2 does not attend to AU9).
+OFFICIAL_EXTRA_EDGES: tuple[tuple[int, int], ...] = ((9, 2),)
+
 Scope = Literal["upper", "lower", "global", "flat"]
+Fidelity = Literal["mer", "official"]
+FIDELITIES: tuple[str, ...] = ("mer", "official")
 _EDGES: dict[str, tuple[tuple[int, int], ...]] = {
     "upper": UPPER_EDGES, "lower": LOWER_EDGES, "global": GLOBAL_EDGES,
     "flat": UPPER_EDGES + LOWER_EDGES + GLOBAL_EDGES,
 }
 
 
-def psych_adjacency(scope: Scope = "flat") -> torch.Tensor:
-    """(12, 12) float {0, 1} adjacency over PSYAU_AUS, symmetric, with self-loops on all nodes.
+def check_fidelity(fidelity: str) -> None:
+    """Raise ValueError unless ``fidelity`` is ``mer`` or ``official``."""
+    if fidelity not in FIDELITIES:
+        raise ValueError(f"unknown fidelity {fidelity!r}: 'mer' (default) or 'official' (the "
+                         "FED-PsyAU authors' code); set fidelity=mer|official")
+
+
+def psych_adjacency(scope: Scope = "flat", fidelity: Fidelity = "mer") -> torch.Tensor:
+    """(12, 12) float {0, 1} adjacency over PSYAU_AUS with self-loops on all nodes; entry
+    [i, j] = 1: node i attends to node j.
 
     ``upper`` / ``lower``: the edges within that half (the other half's nodes keep only their
     self-loops); ``global``: the upper <-> lower coordinated pairs; ``flat``: all edges in one
-    graph.
+    graph. Symmetric, except under ``fidelity="official"``, where the global (and flat) graph
+    also has the authors' directed entry AU9 -> AU2 (:data:`OFFICIAL_EXTRA_EDGES`).
     """
     if scope not in _EDGES:
         raise ValueError(f"unknown scope {scope!r}: upper, lower, global or flat")
+    check_fidelity(fidelity)
     index = {au: i for i, au in enumerate(PSYAU_AUS)}
     adj = torch.eye(len(PSYAU_AUS))
     for a, b in _EDGES[scope]:
         adj[index[a], index[b]] = adj[index[b], index[a]] = 1.0
+    if fidelity == "official" and scope in ("global", "flat"):
+        for target, source in OFFICIAL_EXTRA_EDGES:
+            adj[index[target], index[source]] = 1.0
     return adj
+
+
+def level_prior(prior: torch.Tensor, nodes: tuple[int, ...] | list[int],
+                renormalise: bool) -> torch.Tensor:
+    """The prior one graph level reads: (12, 12) -> (12, 12).
+
+    ``renormalise=False`` (mer): ``prior`` unchanged (the level reads its raw block).
+    ``renormalise=True`` (the authors' code): within the block ``nodes x nodes`` each row is
+    divided by its sum over the block, ``P[i, j] / sum_{k in nodes} P[i, k]``, so the level's
+    rows are distributions over its own nodes (a row with zero block sum stays zero); entries
+    outside the block are unchanged (the level never reads them). Node ids index PSYAU_AUS.
+    """
+    if not renormalise:
+        return prior
+    idx = torch.as_tensor(list(nodes), dtype=torch.long, device=prior.device)
+    block = prior[idx][:, idx]
+    total = block.sum(dim=1, keepdim=True)
+    block = torch.where(total > 0, block / total.clamp(min=1e-12), torch.zeros_like(block))
+    out = prior.clone()
+    out[idx.unsqueeze(1), idx.unsqueeze(0)] = block
+    return out
 
 
 def cooccurrence_counts(
