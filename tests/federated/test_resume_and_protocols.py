@@ -7,7 +7,7 @@ from omegaconf import OmegaConf, open_dict
 
 from mer.federated.loop import FederatedRun, make_clients, run_federated
 from mer.federated.partition import PartitionError, check_partition, natural_clients
-from mer.federated.protocols import loso_folds, run_holdout, run_loso
+from mer.federated.protocols import client_loso_folds, run_holdout, run_loso
 
 
 def _rounds(cfg, n):
@@ -112,7 +112,7 @@ def test_holdout_repeats_report_mean_and_std(tmp_path):
 def test_federated_loso_holds_each_subject_out_of_its_client(tmp_path):
     s = toy_samples(n_db=2, n_subjects=3, learnable=True)
     clients = natural_clients(s, seed=0)
-    folds = loso_folds(s, clients)
+    folds = client_loso_folds(s, clients)
     keys = s.meta["subject_key"].to_numpy()
     assert [f for f, _ in folds] == sorted(set(keys))
     for subject, fold in folds:
