@@ -259,10 +259,10 @@ def synthetic_me_flows(n: int, seed: int = 0, size: int = 28, noise: float = 0.0
     normalised per channel as mer's flow pipeline does. ``noise``: std (px) of the white
     noise added to the displacement (flow estimation error; higher = a harder task).
     """
+    from mer.data.landmarks import FACE_TEMPLATE_68
     from mer.data.preprocess.pipeline import minmax_normalise
     from mer.data.preprocess.strain import optical_strain
     from mer.data.synthetic import au_displacement
-    from mer.data.landmarks import FACE_TEMPLATE_68
 
     rng = np.random.default_rng(seed)
     xs, ys = [], []
