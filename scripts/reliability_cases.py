@@ -671,6 +671,9 @@ def config_case(name: str, overrides: tuple, names: tuple, what: str, base: tupl
         proc = c.mer(*base, *overrides, module=module)
         if proc.rc and (c.dir / "run" / "results.json").exists():
             c.corrupt.append("a failed run left a results.json")
+        if (c.dir / "run" / ".mer.lock").exists():
+            c.silent.append("the run left its .mer.lock behind (a later run warns of a stale "
+                            "lock)")
         return proc
     return Case(name, "config", "error", body, names, what, timeout)
 
@@ -1436,6 +1439,12 @@ def run_cases() -> list[Case]:
         (c.dir / "afile").write_text("x")
         return c.mer(*TINY, run_dir=c.dir / "afile" / "run")
 
+    def sweep_dir_under_file(c: CaseRun) -> Proc:
+        synme_root(c)
+        (c.dir / "afile").write_text("x")
+        return c.py(["-m", "mer.run", "-m", *TINY, "seed=1,2", "progress=false",
+                     f"hydra.sweep.dir={c.dir / 'afile' / 'sweep'}"])
+
     def diverge(c: CaseRun) -> Proc:
         ref_loso(c)
         proc = c.mer(*TINY, "model.lr=1e30")
@@ -1486,6 +1495,9 @@ def run_cases() -> list[Case]:
              "hydra.run.dir on a read-only mount", 120, "read-only bind mount"),
         Case("run_run_dir_under_file", "run", "error", run_dir_under_file, ("afile",),
              "hydra.run.dir below a regular file", 120),
+        Case("run_sweep_dir_under_file", "run", "error", sweep_dir_under_file,
+             ("afile/sweep",), "a multirun whose hydra.sweep.dir is below a regular file (was "
+             "a traceback from Hydra's sweeper)", 120),
         Case("run_diverging_lr", "run", "either", diverge, ("NaN|non-finite",),
              "model.lr=1e30: NaN outputs must be an error naming the sample, never scored",
              180),
@@ -1627,6 +1639,14 @@ def keys_cases() -> list[Case]:
         return c.py(["-m", "mer.privacy.keys", "--out", str(c.dir / "keys"),
                      "--poly-modulus-degree", "1000"])
 
+    def existing_keys(c: CaseRun) -> Proc:
+        d = keys(c)
+        before = (d / "ckks-secret.ctx").read_bytes()
+        proc = c.py(["-m", "mer.privacy.keys", "--out", str(d)])
+        c.expect((d / "ckks-secret.ctx").read_bytes() == before,
+                 "the federation's secret key file was replaced without --force")
+        return proc
+
     def keys(c: CaseRun) -> Path:
         proc = c.py(["-m", "mer.privacy.keys", "--out", str(c.dir / "keys")])
         if proc.rc:
@@ -1657,6 +1677,9 @@ def keys_cases() -> list[Case]:
              "--out pointing at a file", 90),
         Case("keys_bad_degree", "keys", "error", bad_degree, ("1000|poly",),
              "--poly-modulus-degree 1000 (not a power of two >= 1024)", 90),
+        Case("keys_existing_keys", "keys", "error", existing_keys, ("ckks-secret.ctx",
+                                                                    "--force"),
+             "--out already holding a key pair (was: replaced, locking out every lab)", 90),
         Case("run_ckks_secret_truncated", "keys", "error", fed_ckks("truncated"), (),
              "privacy=ckks with a truncated secret key file", 180),
         Case("run_ckks_secret_is_public", "keys", "error", fed_ckks("public"), (),

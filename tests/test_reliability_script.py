@@ -97,3 +97,13 @@ def test_recompute_metrics_catches_a_wrong_figure(rel, tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert rel.recompute_metrics(tmp_path) == [
         "overall uf1: results.json 0.6 != 0.5 from predictions.csv"]
+
+
+def test_existing_keys_case_end_to_end(tmp_path):
+    """mer.privacy.keys into a folder that already holds a key pair: refused, naming the file
+    and --force, the secret file untouched: clear error."""
+    out = subprocess.run([sys.executable, str(SCRIPT), "--only", "keys_existing_keys",
+                          "--out", str(tmp_path / "rel"), "--work", str(tmp_path / "work")],
+                         capture_output=True, text=True, timeout=120)
+    report = json.loads((tmp_path / "rel" / "reliability.json").read_text())
+    assert report["cases"][0]["outcome"] == "clear error", out.stdout + out.stderr

@@ -23,9 +23,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 USER_ERROR_STATUS = 2
 
 
+def _package(module: str) -> str:
+    """The top package of ``module``; an entry point run with ``python -m mer.x`` defines its
+    classes in ``__main__``, whose spec still names ``mer.x``."""
+    if module == "__main__":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = getattr(spec, "name", None) or module
+    return module.split(".")[0]
+
+
 def is_user_error(exc: BaseException) -> bool:
     """True for an exception class mer defines (its message is written for the user)."""
-    return any(c.__module__.split(".")[0] == "mer" for c in type(exc).__mro__
+    return any(_package(c.__module__) == "mer" for c in type(exc).__mro__
                if c not in (BaseException, Exception))
 
 

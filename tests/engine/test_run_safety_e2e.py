@@ -208,3 +208,36 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
     again = run_mer([*LOSO, "seed=1", "resume=true"], run_dir)
     assert sorted(again["protocol"]["resumed_folds"]) == sorted(
         results["metrics"]["per_fold"])
+
+
+def test_ctrl_c_stops_the_workers_and_says_how_to_resume(tmp_path):
+    """SIGINT to the whole group, as Ctrl-C in a terminal sends it: no traceback, 'interrupted;
+    rerun with resume=true to continue from <run dir>', exit 130, no process left, the lock
+    released, finished folds kept (and used by resume=true)."""
+    run_dir = tmp_path / "cut"
+    run_dir.mkdir()
+    err_path = tmp_path / "cut.err"
+    proc = subprocess.Popen(  # as from a terminal: SIGINT not ignored even under `cmd &`
+        command(LOSO, run_dir), start_new_session=True, stdout=subprocess.DEVNULL,
+        stderr=open(err_path, "w"), preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                     signal.SIG_DFL))
+    wait_for(lambda: any((run_dir / "folds_done").glob("*.npz")), proc)
+    procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=30)  # seconds in practice; a loaded machine is slower
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        _, alive = psutil.wait_procs(procs[1:], timeout=5)
+        for p in [*alive, *group_members(proc.pid)]:
+            p.kill()
+    err = err_path.read_text()
+    assert rc == 130, err[-3000:]
+    assert f"interrupted; rerun with resume=true to continue from {run_dir}" in err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert alive == [], f"still running 5 s after Ctrl-C: {alive}"
+    assert not (run_dir / ".mer.lock").exists()
+    saved = list((run_dir / "folds_done").glob("*.npz"))
+    resumed = run_mer([*LOSO, "resume=true"], run_dir)
+    assert len(resumed["protocol"]["resumed_folds"]) == len(saved) > 0

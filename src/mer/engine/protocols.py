@@ -338,8 +338,9 @@ class NonFiniteError(ValueError):
 
 def refuse_non_finite(probs: np.ndarray, samples: FlowSamples, index: np.ndarray,
                       who: str, fix: str | None = None) -> None:
-    """Raise :class:`NonFiniteError` if ``probs`` (n, K), predicted for ``samples`` at ``index`` (n,), holds
-    NaN or inf, naming ``who`` (``fold synA/sub03``) and the first clips affected."""
+    """Raise :class:`NonFiniteError` (mer's own) if ``probs`` (n, K), predicted for
+    ``samples`` at ``index`` (n,), holds NaN or inf, naming ``who`` (``fold synA/sub03``) and
+    the first clips affected."""
     probs = np.asarray(probs)
     bad = ~np.isfinite(probs).all(axis=1) if probs.ndim == 2 else ~np.isfinite(probs)
     if not bad.any():

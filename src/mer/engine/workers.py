@@ -8,9 +8,12 @@ job's result, and the worker takes the next job, orphaned, until SIGKILL. So:
 - :func:`prepare_worker` (a pool's initializer) makes a worker die with its parent
   (``PR_SET_PDEATHSIG``, Linux) and end at once on SIGTERM; it ignores SIGINT (Ctrl-C reaches
   the whole group: the main process decides, and stops the workers).
-- :func:`terminate_on_signal` (main thread) turns SIGTERM into :class:`Terminated`, so the run
-  unwinds through its ``finally`` blocks: workers stopped, nothing half written, saved work
-  (LOSO ``folds_done/``, the federated checkpoint) left for ``resume=true``.
+- :func:`terminate_on_signal` (main thread) turns SIGTERM and SIGINT (Ctrl-C) into
+  :class:`Terminated`, so the run unwinds through its ``finally`` blocks: workers stopped,
+  nothing half written, saved work (LOSO ``folds_done/``, the federated checkpoint) left for
+  ``resume=true``. (A ``KeyboardInterrupt`` would be caught on its way by Lightning, which
+  prints its own "graceful shutdown" and carries on in some places; ``Terminated`` is a
+  ``SystemExit``, which every layer lets through.)
 - :func:`stop_pool` kills a pool's workers now, without waiting for their jobs.
 """
 
@@ -29,15 +32,23 @@ _PR_SET_PDEATHSIG = 1
 
 
 class Terminated(SystemExit):
-    """The run received SIGTERM (exit status 128 + 15); saved work is kept for resume=true."""
+    """The run received SIGTERM or SIGINT (exit status 128 + the signal: 143, 130); saved work
+    is kept for resume=true."""
 
     def __init__(self, signum: int = signal.SIGTERM) -> None:
         super().__init__(128 + int(signum))
         self.signum = int(signum)
 
+    @property
+    def what(self) -> str:
+        """``interrupted`` (Ctrl-C) or ``terminated (SIGTERM)``."""
+        if self.signum == signal.SIGINT:
+            return "interrupted"
+        return f"terminated ({signal.Signals(self.signum).name})"
+
     def __str__(self) -> str:
-        return (f"terminated by {signal.Signals(self.signum).name}: finished work is saved; "
-                "rerun with resume=true (same hydra.run.dir) to continue")
+        return (f"{self.what}: finished work is saved; rerun with resume=true (same "
+                "hydra.run.dir) to continue")
 
 
 def _exit_now(signum: int, _frame: object) -> None:
@@ -60,8 +71,9 @@ def prepare_worker(parent_pid: int | None = None) -> None:
 
 @contextlib.contextmanager
 def terminate_on_signal() -> Iterator[None]:
-    """While inside: SIGTERM raises :class:`Terminated` in the main thread (no-op in another
-    thread, where Python cannot install handlers). The previous handler is restored after."""
+    """While inside: SIGTERM and SIGINT raise :class:`Terminated` in the main thread (no-op in
+    another thread, where Python cannot install handlers). A SIGINT that was ignored when
+    entering (a background job's) stays ignored. The previous handlers are restored after."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -69,11 +81,14 @@ def terminate_on_signal() -> Iterator[None]:
     def handler(signum: int, _frame: object) -> None:
         raise Terminated(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def stop_pool(pool: ProcessPoolExecutor) -> None:
