@@ -204,3 +204,10 @@ def test_au_cells_outside_facs_are_row_errors(tmp_path, au, problem):
         read_casme2(root)
     table, skipped = read_casme2(root, on_error="skip")
     assert len(table) == 4 and "not a FACS code" in skipped[0]["reason"]
+
+
+def test_a_sheet_with_a_header_and_no_rows_is_named(tmp_path):
+    """Was 'LOSO needs at least 2 subjects, found 0' later on, naming no sheet."""
+    root = _rewrite_sheet(build_tree(tmp_path, ROWS), [])
+    with pytest.raises(DatabaseError, match=r"casme2: .*has a header but no sample rows"):
+        read_database("casme2", root)

@@ -59,6 +59,14 @@ def read_database(
     reader = DATABASES.get(name)  # an unknown name: DatabaseError listing the databases
     options.setdefault("database", name)
     table, excluded = reader(Path(root), sheet, on_error=on_error, **options)
+    if len(table) == 0:
+        where = f"sheet {sheet}" if sheet else f"the annotation sheet under {root}"
+        if excluded:  # on_error=skip: returned as asked, but said
+            log.warning("%s: every row of %s was excluded (%d rows; the first: %s)",
+                        name, where, len(excluded), excluded[0])
+            return table, excluded
+        raise DatabaseError(f"{name}: {where} has a header but no sample rows; list one clip "
+                            "per row (see README, Data) or point data.root/data.sheet elsewhere")
     unknown = [f"row {row}: {', '.join(map(repr, toks))}"
                for row, toks in zip(table["row"], table["au_unknown"]) if toks]
     if unknown:  # kept in au_raw / au_unknown; said here so that nobody is surprised
