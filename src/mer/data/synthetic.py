@@ -34,7 +34,6 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing
 import os
 import re
 import shutil
@@ -47,6 +46,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+
+from mer.data.workers import image_pool
 
 VERSION = "1"
 """Format version of the generated data; part of the fingerprint, bump it when output changes."""
@@ -1144,7 +1145,7 @@ def generate_synme(cfg: SynMEConfig, out_dir: str | Path, workers: int = 0,
         job = bar.add_task("SynME: generating subjects", total=len(tasks))
     try:
         if workers > 0:
-            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            with image_pool(workers) as pool:
                 for res in pool.imap(_generate_subject, tasks):
                     results.append(res)
                     if bar:

@@ -54,7 +54,6 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing
 import os
 import re
 import shutil
@@ -80,6 +79,7 @@ from mer.data.synthetic import (
     au_string,
     render_face,
 )
+from mer.data.workers import image_pool
 
 VERSION = "2"
 """Format version of the generated data; part of the fingerprint, bump it when output changes."""
@@ -806,7 +806,7 @@ def generate_synme_lv(cfg: SynMELVConfig, out_dir: str | Path, workers: int = 0,
     results: list[list[dict[str, Any]]] = []
     try:
         if workers > 0 and len(tasks) > 1:
-            with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+            with image_pool(min(workers, len(tasks))) as pool:
                 for res in pool.imap(_generate_subject, tasks):
                     results.append(res)
                     if bar:

@@ -20,15 +20,12 @@ job's result, and the worker takes the next job, orphaned, until SIGKILL. So:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 
-_PR_SET_PDEATHSIG = 1
+from mer.data.workers import prepare_worker  # noqa: F401 (the engine's workers use it too)
 
 
 class Terminated(SystemExit):
@@ -49,24 +46,6 @@ class Terminated(SystemExit):
     def __str__(self) -> str:
         return (f"{self.what}: finished work is saved; rerun with resume=true (same "
                 "hydra.run.dir) to continue")
-
-
-def _exit_now(signum: int, _frame: object) -> None:
-    os._exit(128 + signum)
-
-
-def prepare_worker(parent_pid: int | None = None) -> None:
-    """In a forked worker: die with ``parent_pid`` (the process that forked it), end at once
-    on SIGTERM, leave SIGINT to the parent. (``PR_SET_PDEATHSIG`` follows the *thread* that
-    forked the worker: start pools from a thread that outlives them, e.g. the main thread.)"""
-    signal.signal(signal.SIGTERM, _exit_now)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(128 + signal.SIGTERM)  # the parent died before the line above took effect
 
 
 @contextlib.contextmanager

@@ -57,7 +57,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import time
@@ -74,6 +73,7 @@ import pandas as pd
 
 from mer.data.preprocess.align import alignment_matrix, transform_points, warp
 from mer.data.preprocess.pipeline import PreprocessError
+from mer.data.workers import image_pool
 
 VERSION = "1"  # bump when the features change for the same frames and parameters
 ON_ERROR = ("raise", "skip")
@@ -701,11 +701,6 @@ def _chunk_work(task: dict[str, Any]) -> tuple[str, int, str | None, dict[str, A
         return video_id, chunk, f"{type(e).__name__}: {e}", {}
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-
-
 def _run_tasks(tasks: list[dict], workers: int) -> Iterator[tuple[str, int, str | None, dict]]:
     if workers <= 1 or len(tasks) <= 1:
         threads = cv2.getNumThreads()
@@ -716,8 +711,7 @@ def _run_tasks(tasks: list[dict], workers: int) -> Iterator[tuple[str, int, str 
         finally:
             cv2.setNumThreads(threads)
         return
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker) as pool:
+    with image_pool(min(workers, len(tasks))) as pool:
         yield from pool.imap_unordered(_chunk_work, tasks, chunksize=1)
 
 

@@ -9,7 +9,6 @@ each channel to [0, 1] per sample, resize to ``out_size`` squared with ``cv2.INT
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 from collections.abc import Generator
 from contextlib import closing
@@ -25,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mer.data.preprocess.cache import FlowCache, cache_key, file_sha256
 from mer.data.preprocess.flow import METHODS, compute_flow, to_grey
 from mer.data.preprocess.strain import optical_strain
+from mer.data.workers import image_pool
 
 TABLE_COLUMNS = ("database", "subject", "clip", "onset_path", "apex_path")
 ON_ERROR = ("raise", "skip")
@@ -170,10 +170,6 @@ def _describe(row: dict[str, Any]) -> str:
     return f"{name} (sheet row {row['row']})" if "row" in row else name
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)
-
-
 def _compute(task: tuple) -> tuple[int, np.ndarray | None, str | None]:
     """Worker body; errors come back as text so that nothing unpicklable crosses processes."""
     pos, onset_path, apex_path, params, sample = task
@@ -194,10 +190,9 @@ def _run(tasks: list[tuple], workers: int) -> Generator[tuple[int, np.ndarray | 
         finally:
             cv2.setNumThreads(threads)
         return
-    ctx = multiprocessing.get_context("spawn")  # fork is unsafe with threaded libraries
     n = min(workers, len(tasks))
     chunk = max(1, min(16, len(tasks) // (4 * n)))
-    with ctx.Pool(n, initializer=_init_worker) as pool:
+    with image_pool(n) as pool:
         yield from pool.imap(_compute, tasks, chunksize=chunk)
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
-import os
 import re
 import time
 from collections.abc import Generator
@@ -54,6 +52,7 @@ from mer.data.preprocess.pipeline import (
     skip_hint,
 )
 from mer.data.preprocess.strain import optical_strain
+from mer.data.workers import image_pool
 
 STAGES = ("read", "face", "align", "apex", "magnify", "flow", "post")
 ROW_COLUMNS = ("database", "subject", "clip", "onset", "apex", "offset", "onset_path",
@@ -360,11 +359,6 @@ class PreparedSet:
         return resize_points(self.landmarks, self.x_hi.shape[-1], size).astype(np.float32)
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"  # torch (magnify) is imported later, if at all
-
-
 def _work(task: tuple) -> tuple[int, dict | None, str | None]:
     """Worker body; errors travel back as text (nothing unpicklable crosses processes)."""
     pos, row, params = task
@@ -384,8 +378,7 @@ def _run(tasks: list[tuple], workers: int) -> Generator[tuple[int, dict | None, 
         finally:
             cv2.setNumThreads(threads)
         return
-    ctx = multiprocessing.get_context("spawn")  # fork is unsafe with threaded libraries
-    with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker) as pool:
+    with image_pool(min(workers, len(tasks))) as pool:
         yield from pool.imap(_work, tasks, chunksize=1)
 
 
