@@ -51,8 +51,10 @@ from mer.config_rules import (  # noqa: F401 (re-exported)
     _fmt,
     _is_int,
     _is_num,
+    problem_text,
 )
 from mer.paths import CONF_DIR
+from mer.privacy.checks import CKKS_RULES
 
 CONF = CONF_DIR
 
@@ -311,10 +313,7 @@ RULES: tuple[Rule, ...] = (
     Rule("privacy.accountant", OneOf(choices=("rdp", "prv"))),
     Rule("privacy.sample_rate", Prob(open_lo=True, null=True, eg=0.1)),
     Rule("privacy.secure_mode", Bool()),
-    Rule("privacy.poly_modulus_degree", OneOf(choices=(1024, 2048, 4096, 8192, 16384, 32768)),
-         "CKKS ring dimension"),
-    Rule("privacy.coeff_mod_bit_sizes", ListOf(item=Int(1, 60), min_len=2)),
-    Rule("privacy.scale_bits", Int(1, 60)),
+    *CKKS_RULES,
     Rule("privacy.chunk_size", COUNT, "values per CKKS vector; 0: the whole model"),
     Rule("privacy.symmetric", Bool()),
     Rule("privacy.n_threads", COUNT, "0: TenSEAL's default"),
@@ -409,10 +408,7 @@ def find(tree: dict, pattern: str) -> Iterator[tuple[str, Any]]:
     return _expand(tree, pattern.split("."), "")
 
 
-def _problem(key: str, value: Any, check: Check, note: str = "") -> str:
-    shown = _fmt(value) if not isinstance(value, str) else repr(value) if value == "" else value
-    why = f" ({note})" if note else ""
-    return f"{key}={shown}: must be {check.what()}{why}; e.g. {key}={check.example()}"
+_problem = problem_text
 
 
 def _plain(cfg: Any) -> tuple[dict, list[str]]:

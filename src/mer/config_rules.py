@@ -226,3 +226,10 @@ SIZE = Int(1)
 LR = Num(lo=0, open_lo=True, eg=1e-3)
 DROPOUT = Prob(open_hi=True, eg=0.5)
 WORKERS_AUTO = Int(1, words=("auto",))
+
+
+def problem_text(key: str, value: Any, check: Check, note: str = "") -> str:
+    """One problem line: ``key=value: must be <what>; e.g. key=<example>``."""
+    shown = _fmt(value) if not isinstance(value, str) else repr(value) if value == "" else value
+    why = f" ({note})" if note else ""
+    return f"{key}={shown}: must be {check.what()}{why}; e.g. {key}={check.example()}"

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mer.config_rules import problem_text
+from mer.privacy.checks import CKKS_RULES, DEGREES
 from mer.privacy.encrypted import PUBLIC_FILE, SECRET_FILE, CKKSParams, write_key_files
 
-DEGREES = (1024, 2048, 4096, 8192, 16384, 32768)
 # SEAL's largest total coefficient modulus (bits) per ring dimension at 128-bit security
 # (HomomorphicEncryption.org standard; seal::CoeffModulus::MaxBitCount)
 MAX_COEFF_BITS = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -24,16 +25,13 @@ MAX_COEFF_BITS = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 8
 
 def parameter_problems(params: CKKSParams) -> list[str]:
     """What is wrong with ``params`` for a key pair (empty: fine), in command-line terms."""
-    from mer.config_check import RULES, table_problems
-
     bits, n, scale = list(params.coeff_mod_bit_sizes), params.poly_modulus_degree, \
         params.scale_bits
-    tree = {"privacy": {"coeff_mod_bit_sizes": bits, "scale_bits": scale}}
-    problems = [p.split("; e.g.")[0]
-                .replace("privacy.coeff_mod_bit_sizes", "--coeff-mod-bit-sizes")
-                .replace("privacy.scale_bits", "--scale-bits")
-                for p in table_problems(tree, [r for r in RULES if r.key in (
-                    "privacy.coeff_mod_bit_sizes", "privacy.scale_bits")])]
+    flags = {"privacy.coeff_mod_bit_sizes": ("--coeff-mod-bit-sizes", bits),
+             "privacy.scale_bits": ("--scale-bits", scale)}
+    problems = [problem_text(r.key, flags[r.key][1], r.check, r.note).split("; e.g.")[0]
+                .replace(r.key, flags[r.key][0])
+                for r in CKKS_RULES if r.key in flags and not r.check.ok(flags[r.key][1])]
     if problems:
         return problems
     if sum(bits) > MAX_COEFF_BITS[n]:
