@@ -7,7 +7,7 @@ import pytest
 from fedtoys import fed_cfg, toy_samples
 from omegaconf import open_dict
 
-from mer.engine.module import MERModule
+from mer.federated.fedprox import ProximalTerm
 from mer.federated.fidelity import FedFidelity, federated_model_cfg, from_config
 from mer.federated.loop import FederatedRun
 from mer.federated.partition import natural_clients
@@ -56,13 +56,14 @@ def test_the_loop_applies_the_fidelity(fidelity, monkeypatch):
     s = toy_samples(n_db=3, n_subjects=4, learnable=True)
     run = FederatedRun(_cfg(fidelity), s, natural_clients(s, seed=0))
     calls = []
-    set_proximal = MERModule.set_proximal
+    init = ProximalTerm.__init__
 
-    def spy(self, mu, anchor=None, norm="squared"):
+    def spy(self, mu, anchor, norm="squared"):
+        anchor = list(anchor)
         calls.append((mu, norm, [a.detach().numpy().copy() for a in anchor]))
-        return set_proximal(self, mu, anchor, norm)
+        return init(self, mu, anchor, norm)
 
-    monkeypatch.setattr(MERModule, "set_proximal", spy)
+    monkeypatch.setattr(ProximalTerm, "__init__", spy)
     for rnd in (1, 2):
         calls.clear()
         record = run.round(rnd)

@@ -47,10 +47,12 @@ def test_the_module_adds_the_configured_proximal_norm():
     with torch.no_grad():
         net.weight.copy_(torch.tensor([[3.0, 4.0]]))
     module = MERModule(net, num_classes=2)
-    module.set_proximal(0.002, [torch.zeros(1, 2)], norm="l2")
-    assert float(module.proximal_loss()) == pytest.approx(0.001 * 5.0)
-    module.set_proximal(0.002, [torch.zeros(1, 2)])
-    assert float(module.proximal_loss()) == pytest.approx(0.001 * 25.0)
+    from mer.federated.fedprox import ProximalTerm
+
+    module.loss_terms = [ProximalTerm(0.002, [torch.zeros(1, 2)], norm="l2")]
+    assert float(module.extra_loss()) == pytest.approx(0.001 * 5.0)
+    module.loss_terms = [ProximalTerm(0.002, [torch.zeros(1, 2)])]
+    assert float(module.extra_loss()) == pytest.approx(0.001 * 25.0)
 
 
 # -- P-FedProx mix ----------------------------------------------------------------------------

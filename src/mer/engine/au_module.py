@@ -84,7 +84,7 @@ class AUMERModule(MERModule):
         self.log("train_loss", total, on_step=False, on_epoch=True, batch_size=n)
         self.log("emotion_loss", emotion, on_step=False, on_epoch=True, batch_size=n)
         self.log("au_loss", au, on_step=False, on_epoch=True, batch_size=n)
-        return total + self.proximal_loss()
+        return total + self.extra_loss()
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         if isinstance(batch, (tuple, list)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -29,6 +30,12 @@ class MERModule(L.LightningModule):
     A neutral hook a network may offer: ``set_progress(f)`` gets the fraction of training done
     (0 at the first step, -> 1) before each training batch (staged training, e.g. MPFNet);
     ``optimizer_groups(lr)`` gives the optimiser's parameter groups (per-part learning rates).
+
+    Neutral training hooks, installed by whoever trains the module (the federated client does,
+    the engine knows nothing of what they are for): :attr:`loss_terms`, callables ``net ->``
+    0-dim tensor added to each training loss (e.g. a proximal term); :attr:`grad_hooks`,
+    callables ``net -> None`` run after backward, before every optimiser step (e.g. a gradient
+    correction); :meth:`set_optimizer` replaces the configured optimiser.
     """
 
     def __init__(
@@ -49,10 +56,9 @@ class MERModule(L.LightningModule):
         self._val_preds: list[torch.Tensor] = []
         self._val_true: list[torch.Tensor] = []
         self.momentum: float | None = None
-        self.proximal_mu = 0.0
-        self.proximal_norm = "squared"
-        self._proximal_anchor: list[torch.Tensor] = []
-        self._grad_correction: dict[str, torch.Tensor] = {}
+        # the neutral training hooks (see the class docstring); empty outside such training
+        self.loss_terms: list[Callable[[nn.Module], torch.Tensor]] = []
+        self.grad_hooks: list[Callable[[nn.Module], None]] = []
 
     def set_optimizer(self, name: str, lr: float | None = None,
                       momentum: float | None = None) -> None:
@@ -64,20 +70,6 @@ class MERModule(L.LightningModule):
             self.lr = float(lr)
         self.momentum = None if momentum is None else float(momentum)
 
-    def set_proximal(self, mu: float, anchor: list[torch.Tensor] | None = None,
-                     norm: str = "squared") -> None:
-        """FedProx: add ``mu/2 * ||w - anchor||^2`` over the net's parameters to the training
-        loss (``anchor`` = the round's global parameters, in ``net.parameters()`` order);
-        ``norm="l2"``: ``mu/2 * sum of the unsquared norms per tensor`` (FED-PsyAU's code)."""
-        self.proximal_mu = float(mu)
-        self.proximal_norm = norm
-        self._proximal_anchor = [a.detach().clone() for a in anchor] if anchor else []
-
-    def set_grad_correction(self, correction: dict[str, torch.Tensor] | None) -> None:
-        """SCAFFOLD: add ``correction[name]`` (= c - c_i, shaped like the parameter) to the
-        gradient of each named parameter of the net before every optimiser step."""
-        self._grad_correction = dict(correction or {})
-
     def on_fit_start(self) -> None:
         # A converged model's tiny gradients and activations go subnormal, and subnormal float
         # math on x86 CPUs is 20x+ slower: DPK-GAT's epochs slowed from 0.2 s to 5 s after
@@ -85,11 +77,8 @@ class MERModule(L.LightningModule):
         torch.set_flush_denormal(True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self._grad_correction:
-            return
-        for name, p in self.net.named_parameters():
-            if p.grad is not None and name in self._grad_correction:
-                p.grad.add_(self._grad_correction[name].to(p.grad))
+        for hook in self.grad_hooks:
+            hook(self.net)
 
     def forward(self, x: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         return self.net(x, *inputs)
@@ -123,16 +112,14 @@ class MERModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self.compute_loss(batch)
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=len(batch[1]))
-        return loss + self.proximal_loss()
+        return loss + self.extra_loss()
 
-    def proximal_loss(self) -> torch.Tensor | float:
-        """The FedProx term, 0 outside federated training."""
-        if not self.proximal_mu:
-            return 0.0
-        from mer.federated.fedprox import proximal_term
-
-        return proximal_term(self.net.parameters(), self._proximal_anchor, self.proximal_mu,
-                             self.proximal_norm)
+    def extra_loss(self) -> torch.Tensor | float:
+        """The sum of the installed :attr:`loss_terms` on the net (0.0 without any)."""
+        total: torch.Tensor | float = 0.0
+        for term in self.loss_terms:
+            total = total + term(self.net)
+        return total
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, logits = self.compute_loss(batch)

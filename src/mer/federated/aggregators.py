@@ -489,3 +489,37 @@ def scaffold_server_update(
         for c, d in zip(server_c, mean_dc, strict=True)
     ]
     return new_x, new_c
+
+
+def fednova(current: Weights, results: Sequence[ClientResult],
+            steps: Sequence[int]) -> Weights:
+    """FedNova's normalised average (Wang et al., 2020), plain-SGD form.
+
+    ``x+ = x - tau_eff * sum_i p_i (x - y_i) / tau_i`` with ``p_i = n_i / sum n``,
+    ``tau_eff = sum_i p_i tau_i``. Floating entries only; integer buffers (batch-norm counters)
+    take :func:`fedavg`. A client with 0 steps has not moved and is left out of the sums (its
+    ``n_i`` still counts in ``p``).
+
+    Args:
+        current: the round's global model ``x``, L arrays.
+        results: K ``(y_i, n_i)`` pairs.
+        steps: K local step counts ``tau_i`` >= 0, at least one > 0.
+    """
+    _require_results(results, "fednova")
+    if len(steps) != len(results) or any(int(t) < 0 for t in steps) or not any(steps):
+        raise ValueError(f"fednova: need {len(results)} step counts >= 0, one > 0: {steps}")
+    n = np.asarray([float(k) for _, k in results])
+    p = n / n.sum()
+    tau = np.asarray([float(t) for t in steps])
+    tau_eff = float((p * tau).sum())
+    mean = fedavg(results)
+    out = []
+    for layer, x in enumerate(current):
+        if not np.issubdtype(np.asarray(x).dtype, np.floating):
+            out.append(mean[layer])
+            continue
+        x64 = np.asarray(x, np.float64)
+        d = sum(p_i * (x64 - np.asarray(w[layer], np.float64)) / t_i
+                for (w, _), p_i, t_i in zip(results, p, tau) if t_i > 0)
+        out.append(_cast_like(x64 - tau_eff * d, np.asarray(x).dtype))
+    return out

@@ -63,3 +63,15 @@ def proximal_term(
         total = total + (diff.pow(2).sum() if norm == "squared" else
                          torch.linalg.vector_norm(diff))
     return 0.5 * mu * total
+
+
+class ProximalTerm:
+    """A module loss term (``MERModule.loss_terms``): :func:`proximal_term` of the net's
+    parameters towards ``anchor`` (tensors in ``net.parameters()`` order, copied)."""
+
+    def __init__(self, mu: float, anchor: Iterable[torch.Tensor], norm: str = "squared") -> None:
+        self.mu, self.norm = float(mu), norm
+        self.anchor = [a.detach().clone() for a in anchor]
+
+    def __call__(self, net: torch.nn.Module) -> torch.Tensor:
+        return proximal_term(net.parameters(), self.anchor, self.mu, self.norm)

@@ -259,8 +259,8 @@ def make_private(module: MERModule, datamodule, dp: DPConfig, privacy: ClientPri
             noise_multiplier=privacy.noise_multiplier, max_grad_norm=dp.max_grad_norm,
             poisson_sampling=False, wrap_model=False, noise_generator=noise_gen)
         self._dp_hooks = hooks
-        if self.proximal_mu:
-            _add_proximal_after_noise(dp_opt, self)
+        if self.loss_terms:
+            _add_loss_terms_after_noise(dp_opt, self)
         return dp_opt
 
     def training_step(self, batch, batch_idx):
@@ -301,8 +301,8 @@ def _make_private_per_sample_loop(module: MERModule, dm: DPDataModule, dp: DPCon
                              max_grad_norm=dp.max_grad_norm, expected_batch_size=expected,
                              generator=noise_gen, secure_mode=dp.secure_mode)
         dp_opt.attach_step_hook(privacy.accountant.get_optimizer_hook_fn(dm.sample_rate))
-        if self.proximal_mu:
-            _add_proximal_after_noise(dp_opt, self)
+        if self.loss_terms:
+            _add_loss_terms_after_noise(dp_opt, self)
         return dp_opt
 
     def training_step(self, batch, batch_idx):
@@ -329,17 +329,24 @@ def _make_private_per_sample_loop(module: MERModule, dm: DPDataModule, dp: DPCon
     return module
 
 
-def _add_proximal_after_noise(dp_opt, module: MERModule) -> None:
-    """Chain onto Opacus' step hook (run after clip + noise): p.grad += mu * (p - anchor)."""
+def _add_loss_terms_after_noise(dp_opt, module: MERModule) -> None:
+    """Chain onto Opacus' step hook (run after clip + noise): add the gradient of the module's
+    extra loss terms (``module.loss_terms``, e.g. FedProx's ``mu/2 ||w - anchor||^2``, whose
+    gradient is ``mu (w - anchor)``): they hold no sample, so they are neither clipped nor
+    noised."""
     accountant_hook = dp_opt.step_hook
 
     def hook(opt) -> None:
         if accountant_hook is not None:
             accountant_hook(opt)
+        params = [p for p in module.net.parameters() if p.requires_grad]
+        with torch.enable_grad():
+            extra = module.extra_loss()
+            grads = torch.autograd.grad(extra, params, allow_unused=True)
         with torch.no_grad():
-            for p, a in zip(module.net.parameters(), module._proximal_anchor):
-                if p.grad is not None:
-                    p.grad.add_(p - a.to(p.device), alpha=module.proximal_mu)
+            for p, g in zip(params, grads):
+                if p.grad is not None and g is not None:
+                    p.grad.add_(g)
 
     dp_opt.step_hook = hook
 
