@@ -155,3 +155,42 @@ def test_each_modality_reaches_the_output(modality):
     alt = net.csafu[0](fused, torch.zeros_like(r), f) if modality == "rgb" else \
         net.csafu[0](fused, r, torch.zeros_like(f))
     assert not torch.allclose(base, alt)
+
+
+def test_flow_amplitude_survives_the_flow_path():
+    """Motion strength is the spotting signal: a faint flow (noise-level motion) must embed near
+    no motion at all, not near the same pattern at full strength. A per-frame normalisation
+    (GroupNorm over a whole frame) in the flow stem and MFEM made them scale-invariant (exactly
+    so with zero biases): every faint flicker looked like an expression, the micro false
+    positives of #16. Biases are zeroed so that only the normalisation decides."""
+    torch.manual_seed(0)
+    net = MESFusionNet(image_size=32, channels=8, levels=2, window=4).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+                m.bias.zero_()
+    pattern = torch.zeros(1, 2, 32, 32)
+    pattern[:, 0, 8:14, 6:26] = 1.0     # a brow-like patch moving sideways
+    flow = torch.cat([pattern, 0.02 * pattern, torch.zeros_like(pattern)])
+    rgb = torch.rand(1, 1, 32, 32).expand(3, 1, 32, 32)
+    with torch.no_grad():
+        strong, faint, still = net.flow_stem(flow)
+        assert float((faint - still).norm()) < 0.1 * float((faint - strong).norm())
+        r = net.rgb_stem(rgb)
+        g_strong, g_faint, g_still = net.mfem(r, net.flow_stem(flow))
+        assert float((g_faint - g_still).norm()) < 0.1 * float((g_faint - g_strong).norm())
+
+
+def test_frame_vector_keeps_where_on_the_face_the_motion_is():
+    """The same motion on the brows or on the mouth must give different frame vectors: the
+    fused maps are read out per face quadrant (2 x 2), not averaged over the whole face (a
+    whole-face mean of translation-equivariant features barely tells them apart: ratio ~0.1)."""
+    torch.manual_seed(0)
+    net = MESFusionNet(image_size=32, channels=8, levels=2, window=4).eval()
+    rgb = torch.full((3, 1, 32, 32), 0.5)
+    upper, lower = torch.zeros(1, 2, 32, 32), torch.zeros(1, 2, 32, 32)
+    upper[:, 0, 4:10, 8:24] = 1.0
+    lower[:, 0, 20:26, 8:24] = 1.0
+    with torch.no_grad():
+        a, b, still = net.frame_embeddings(rgb, torch.cat([upper, lower, torch.zeros_like(upper)]))
+    assert float((a - b).norm()) > 0.3 * float((a - still).norm())

@@ -21,7 +21,12 @@ positions of a window:
      [F, rgb, flow] (a (3c x 3c) map from their spatial responses) re-weights the channels
      against the source images' features, filtering interfering ones; a 1x1 projection back
      to c, added to F.
-   Each level's fused map is average-pooled to a vector; the levels are concatenated.
+   Each level's fused map is max-pooled to 2 x 2 (upper/lower, left/right face: where the
+   AU motion is, which a whole-face mean would dilute); the levels' maps are concatenated and
+   projected linearly to the frame vector (c * levels).
+   Normalisation: the face-crop stem normalises each frame (GroupNorm: light changes are
+   distractors); the flow stem and MFEM use BatchNorm, which keeps a frame's motion
+   amplitude (a per-frame normalisation there made a faint flicker look like an expression).
 4. **Temporal Transformer** over the W frame vectors (learned positions) and a per-frame
    head (2 scores: micro, macro), sigmoid.
 
@@ -39,8 +44,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mer.spotting.base import register_spotter
 from mer.spotting.learned import LearnedSpotter
-from mer.spotting.registry import register_spotter
 from mer.spotting.videos import SpotVideo
 
 _FLOW_CACHE: OrderedDict = OrderedDict()
@@ -72,10 +77,17 @@ def crop_flow(video: SpotVideo, size: int) -> tuple[np.ndarray, np.ndarray]:
     return out
 
 
-def _stem(in_ch: int, c: int) -> nn.Sequential:
+def _norm(kind: str, c: int) -> nn.Module:
+    # "frame": GroupNorm over a whole frame (per-frame gain removed: right for the face crop,
+    # whose light changes are distractors); "batch": BatchNorm, which keeps each frame's
+    # amplitude relative to the others (the flow path: motion strength is the signal).
+    return nn.GroupNorm(1, c) if kind == "frame" else nn.BatchNorm2d(c)
+
+
+def _stem(in_ch: int, c: int, norm: str) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_ch, c, 3, stride=2, padding=1), nn.GroupNorm(1, c), nn.ReLU(),
-        nn.Conv2d(c, c, 3, stride=2, padding=1), nn.GroupNorm(1, c), nn.ReLU())
+        nn.Conv2d(in_ch, c, 3, stride=2, padding=1), _norm(norm, c), nn.ReLU(),
+        nn.Conv2d(c, c, 3, stride=2, padding=1), _norm(norm, c), nn.ReLU())
 
 
 class MFEM(nn.Module):
@@ -85,7 +97,7 @@ class MFEM(nn.Module):
         super().__init__()
         self.branches = nn.ModuleList([nn.Conv2d(2 * c, c, 3, padding=d, dilation=d)
                                        for d in (1, 2, 3)])
-        self.mix = nn.Sequential(nn.Conv2d(3 * c, c, 1), nn.GroupNorm(1, c), nn.ReLU())
+        self.mix = nn.Sequential(nn.Conv2d(3 * c, c, 1), _norm("batch", c), nn.ReLU())
 
     def forward(self, rgb: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         x = torch.cat([rgb, flow], dim=1)
@@ -145,7 +157,7 @@ class MESFusionNet(nn.Module):
         c = channels
         self.image_size = image_size
         self.register_buffer("flow_scale", torch.tensor(float(flow_scale)))
-        self.rgb_stem, self.flow_stem = _stem(1, c), _stem(2, c)
+        self.rgb_stem, self.flow_stem = _stem(1, c, "frame"), _stem(2, c, "batch")
         self.mfem = MFEM(c)
         self.scafu = nn.ModuleList([SCAFU(c, heads) for _ in range(levels)])
         self.csafu = nn.ModuleList([CSAFU(c) for _ in range(levels)])
@@ -154,6 +166,7 @@ class MESFusionNet(nn.Module):
         layer = nn.TransformerEncoderLayer(d, heads if d % heads == 0 else 1, 2 * d, dropout,
                                            batch_first=True)
         self.temporal = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.readout = nn.Linear(4 * d, d)  # the levels' 2 x 2 maps -> the frame vector
         self.head = nn.Linear(d, 2)
 
     def frame_embeddings(self, rgb: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
@@ -165,9 +178,9 @@ class MESFusionNet(nn.Module):
             if i:
                 r, f, g = (F.avg_pool2d(t, 2) if t.shape[-1] > 1 else t for t in (r, f, g))
             fused = csafu(scafu(r, f, g), r, f)
-            pooled.append(fused.mean(dim=(2, 3)))
+            pooled.append(F.adaptive_max_pool2d(fused, 2).flatten(1))   # (B', 4c)
             g = g + fused  # the fused semantics guide the next level
-        return torch.cat(pooled, dim=1)
+        return self.readout(torch.cat(pooled, dim=1))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         rgb, flow = batch["rgb"], batch["flow"]
