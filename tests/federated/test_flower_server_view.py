@@ -55,7 +55,8 @@ def _server_view(cfg, node_cfg, samples, clients, monkeypatch) -> tuple[dict, di
     values (its n, AU counts and test labels)."""
     nodes = {101 + k: flower_app.Node(node_cfg, FederatedRun(node_cfg, samples, clients), c, k)
              for k, c in enumerate(clients)}
-    monkeypatch.setattr(flower_app, "node_from_context", lambda ctx: nodes[ctx.node_id])
+    monkeypatch.setattr("mer.federated.flower.client_app.node_from_context",  # the node side
+                        lambda ctx: nodes[ctx.node_id])
     grid = MemoryGrid(nodes)
     federation = flower_app.discover(grid, timeout_s=1)
     run = flower_app.FlowerRun(cfg, federation.samples, federation.clients, grid=grid,

@@ -50,8 +50,10 @@ class LocalFederation:
     """
 
     def __init__(self, workdir: Path, clients: int, simulation: bool = False,
-                 node_overrides: list[str] | None = None, secure: bool = False) -> None:
+                 node_overrides: list[str] | None = None, secure: bool = False,
+                 worker_idle_s: float = 0.0) -> None:
         self.workdir = Path(workdir)
+        self.worker_idle_s = float(worker_idle_s)  # > 0: each SuperNode's warm worker
         self.clients, self.simulation, self.secure = int(clients), simulation, secure
         self.node_overrides = node_overrides or [""] * self.clients
         self.port = free_port()
@@ -103,8 +105,12 @@ class LocalFederation:
         return self
 
     def supernode_cmd(self, i: int, partition_id: int | None = None) -> list[str]:
-        """The ``flower-supernode`` command line of client ``i`` (key ``node{i}.key``)."""
+        """The ``flower-supernode`` command line of client ``i`` (key ``node{i}.key``; its
+        state and config cache in ``node{i}/``, so a restarted SuperNode resumes)."""
         config = f"partition-id={i if partition_id is None else partition_id}"
+        config += f" state-dir={json.dumps(str(self.workdir / f'node{i}'))}"  # durable state
+        if self.worker_idle_s > 0:
+            config += f" worker-idle-s={self.worker_idle_s}"
         if self.node_overrides[i % self.clients]:
             config += f" overrides={json.dumps(self.node_overrides[i % self.clients])}"
         trust = ["--root-certificates", str(self.workdir / "ca.crt"),
@@ -177,6 +183,12 @@ class LocalFederation:
         _kill(self.supernodes[i], signal.SIGKILL)
 
     def stop(self) -> None:
+        for pidfile in self.workdir.glob("node*/worker.pid"):  # warm workers started here
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+            pidfile.unlink(missing_ok=True)
         for proc in self.supernodes + ([self.superlink] if self.superlink else []):
             _kill(proc, signal.SIGTERM)
         for proc in self.supernodes + ([self.superlink] if self.superlink else []):
@@ -298,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--secure", action="store_true",
                    help="TLS and SuperNode authentication (certificates and keys made here)")
     p.add_argument("--timeout-s", type=float, default=3600.0, help="whole-run limit")
+    p.add_argument("--worker-idle-s", type=float, default=0.0,
+                   help="> 0: each SuperNode's messages are answered by a warm worker process "
+                        "that exits after this long idle (mer.federated.flower.worker)")
     args = p.parse_args(argv)
     from mer.config_check import ConfigError
     from mer.federated.flower_app import compose_config
@@ -312,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     overrides, node_overrides = with_ckks_keys(args.overrides, args.clients, work / "keys")
     with LocalFederation(work, args.clients, args.simulation, node_overrides,
-                         secure=args.secure) as fed:
+                         secure=args.secure, worker_idle_s=args.worker_idle_s) as fed:
         run_id = fed.submit({"overrides": overrides, "out-dir": str(out)})
         print(f"run {run_id} submitted to 127.0.0.1:{fed.port}; logs in {work}")
         status = fed.wait(run_id, args.timeout_s)
