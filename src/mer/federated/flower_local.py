@@ -298,6 +298,17 @@ def _kill(proc: subprocess.Popen, sig: int) -> None:
             pass
 
 
+def _file_in_the_way(folder: str | None) -> Path | None:
+    """The first existing non-folder on the way to ``folder`` (None: the folder can be made)."""
+    if folder is None:
+        return None
+    path = Path(folder).resolve()
+    for part in [path, *path.parents]:
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -314,6 +325,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="> 0: each SuperNode's messages are answered by a warm worker process "
                         "that exits after this long idle (mer.federated.flower.worker)")
     args = p.parse_args(argv)
+    if args.clients < 1:
+        p.error(f"--clients {args.clients}: give at least 1 SuperNode (one per client)")
+    for flag, value in (("--timeout-s", args.timeout_s), ("--worker-idle-s", args.worker_idle_s)):
+        if not value >= 0:  # (also NaN)
+            p.error(f"{flag} {value}: must be a number of seconds >= 0")
+    for flag, value in (("--out-dir", args.out_dir), ("--workdir", args.workdir)):
+        blocked = _file_in_the_way(value)
+        if blocked:
+            p.error(f"{flag} {value}: {blocked} is a file, not a folder; give a folder path")
     from mer.config_check import ConfigError
     from mer.federated.flower_app import compose_config
 
