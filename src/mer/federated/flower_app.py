@@ -65,6 +65,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, open_dict
 
+from mer.data.io import atomic_write_with
 from mer.data.samples import FlowSamples
 
 # the node side and the shared parts live in mer.federated.flower (client_app, common); their
@@ -672,8 +673,9 @@ def run_server(grid: Grid, overrides: str, out_dir: Path, round_timeout_s: float
     timings = {"data_s": t_data, "federated_s": time.perf_counter() - t0 - t_data}
     results = write_federated_results(cfg, federation.samples, fed, timings, out_dir,
                                       transport="flower")
-    torch.save({"global": run.global_weights, "entries": run.entry_names},
-               out_dir / "global_model.pt")
+    final = {"global": run.global_weights, "entries": run.entry_names}
+    # a plain torch file (torch.load reads it), written whole or not at all
+    atomic_write_with(out_dir / "global_model.pt", lambda f: torch.save(final, f))
     return results
 
 
