@@ -15,21 +15,31 @@ LR = 0.05
 
 
 def _spy_gradients(run: FederatedRun) -> list[dict[str, list[torch.Tensor]]]:
-    """Record, for each module the run builds, the raw gradient of every parameter at every
-    backward pass (before SCAFFOLD's correction is added to ``p.grad``)."""
+    """Record, for each local training, the raw gradient of every parameter at every
+    backward pass (before SCAFFOLD's correction is added to ``p.grad``). (A client's module
+    may be kept across rounds: each training's hooks are removed after it.)"""
     records: list[dict[str, list[torch.Tensor]]] = []
-    build = run._module
+    fit = run.fit
+    hooked = run._training_module
 
-    def spy(weights):
-        module = build(weights)
+    def spy(key, weights, private):
+        module = hooked(key, weights, private)
         seen: dict[str, list[torch.Tensor]] = {}
-        for name, p in module.net.named_parameters():
-            p.register_hook(lambda g, name=name: seen.setdefault(name, []).append(
-                g.detach().clone()))
+        spy.handles = [p.register_hook(lambda g, name=name: seen.setdefault(name, []).append(
+            g.detach().clone())) for name, p in module.net.named_parameters()]
         records.append(seen)
         return module
 
-    run._module = spy
+    def fit_then_unhook(*args, **kwargs):
+        try:
+            return fit(*args, **kwargs)
+        finally:
+            for handle in getattr(spy, "handles", []):
+                handle.remove()
+            spy.handles = []
+
+    run._training_module = spy
+    run.fit = fit_then_unhook
     return records
 
 

@@ -2,21 +2,32 @@
 
 :class:`ClientSide` is a part of :class:`mer.federated.loop.FederatedRun` (the run's
 config, samples, clients, rule and privacy layer are its attributes). Each local training
-builds a fresh module and ``Trainer``, installs the rule's loss terms and gradient hooks
-(:class:`mer.federated.rules.ClientHooks`) through the module's neutral hooks, trains
-``local_epochs`` and returns a :class:`~mer.federated.state.ClientUpdate`.
+loads its starting weights into the client's module, installs the rule's loss terms and
+gradient hooks (:class:`mer.federated.rules.ClientHooks`) through the module's neutral hooks,
+trains ``local_epochs`` with a ``Trainer`` (whose ``fit`` builds a fresh optimiser, as every
+rule here requires) and returns a :class:`~mer.federated.state.ClientUpdate`.
+
+``federated.reuse_clients`` (default true): each client keeps one module across rounds and
+loads the weights in place, instead of building a fresh one per round. Results are
+bit-identical: a fresh build draws from the seeded random generators (weight
+initialisation), so the kept path replays those draws (:class:`RngTape`), checked exactly
+once per module; where the replay cannot be exact (a build that draws from Python's or
+NumPy's generator) or under DP-SGD (Opacus wraps the module) a fresh module is built.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 import warnings
+from collections.abc import Callable
 
 import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mer.config_check import check_clients
 from mer.data.datamodule import SplitDataModule
@@ -70,14 +81,122 @@ def client_summary(samples: FlowSamples, clients: list[ClientData]) -> dict:
             for c in clients}
 
 
+# aten ops that draw from a random generator (their overload packets' names)
+_RANDOM_OPS = frozenset({
+    "uniform_", "normal_", "normal", "bernoulli_", "bernoulli", "random_", "exponential_",
+    "cauchy_", "geometric_", "log_normal_", "multinomial", "poisson", "rand", "randn",
+    "randint", "randperm", "rand_like", "randn_like", "randint_like", "native_dropout",
+    "dropout", "rrelu_with_noise", "_standard_gamma", "binomial"})
+
+
+class RngTape(TorchDispatchMode):
+    """Records the random draws of the torch ops run under it, to replay them later.
+
+    A fresh module's weight initialisation draws from torch's seeded default generator; a
+    kept module skips the build, so :meth:`replay` makes the same draws (same ops, shapes,
+    dtypes and arguments, on scratch tensors) and leaves the generator where a build would.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[Callable, tuple, dict]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ in _RANDOM_OPS:
+            # in-place fills ignore their target's values: a scratch copy serves the replay
+            self.ops.append((func, tuple(a.detach().clone() if isinstance(a, torch.Tensor)
+                                         else a for a in args), dict(kwargs)))
+        return func(*args, **kwargs)
+
+    def replay(self) -> None:
+        """Draw again what the recorded ops drew (from the generators they drew from)."""
+        with torch.no_grad():
+            for func, args, kwargs in self.ops:
+                func(*args, **kwargs)
+
+
+def _host_rng_state() -> tuple:
+    return random.getstate(), np.random.get_state(legacy=False)
+
+
+class _KeptModule:
+    """A client's module kept across rounds, with the random draws its build made."""
+
+    def __init__(self, module: MERModule, tape: RngTape) -> None:
+        self.module, self.tape = module, tape
+
+
+def _same_host(state: tuple) -> bool:
+    """Whether Python's and NumPy's generators are still at ``state``."""
+    now = _host_rng_state()
+    return now[0] == state[0] and _equal_nested(now[1], state[1])
+
+
+def _equal_nested(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal_nested(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
+
+
 class ClientSide:
     """Local training and prediction of the run's clients (a part of ``FederatedRun``)."""
+
+    _kept: dict[str, _KeptModule | None] | None = None
+    _scratch: dict[str, MERModule] | None = None
 
     def _module(self, weights: Weights) -> MERModule:
         module = self._fixed(build_module(self.model_cfg, self.samples,
                                           np.array([], dtype=np.int64)))
         set_weights(module, weights)
         return module
+
+    def reuses_clients(self, private: bool = False) -> bool:
+        """Whether local training keeps one module per client (``federated.reuse_clients``;
+        never under DP-SGD, whose Opacus wrapper is made per training)."""
+        return bool(self.fed.get("reuse_clients", True)) and not (private and self.dp)
+
+    def _training_module(self, key: str, weights: Weights, private: bool) -> MERModule:
+        """The module client ``key`` trains, holding ``weights``; the torch generator is left
+        as a fresh build from the current state would leave it (bit-identical results)."""
+        if not self.reuses_clients(private):
+            return self._module(weights)
+        if self._kept is None:
+            self._kept = {}
+        kept = self._kept.get(key, False)
+        if kept is None:  # its build could not be replayed exactly: build fresh each time
+            return self._module(weights)
+        if kept is not False:
+            kept.tape.replay()
+            set_weights(kept.module, weights)
+            return kept.module
+        before, host = torch.get_rng_state(), _host_rng_state()
+        tape = RngTape()
+        with tape:
+            module = self._module(weights)
+        after = torch.get_rng_state()
+        torch.set_rng_state(before)
+        tape.replay()
+        exact = torch.equal(torch.get_rng_state(), after) and _same_host(host)
+        torch.set_rng_state(after)
+        self._kept[key] = _KeptModule(module, tape) if exact else None
+        return module
+
+    def _scratch_module(self, role: str, weights: Weights) -> MERModule:
+        """A module holding ``weights`` for ``role`` (prediction, the proximal anchor): kept
+        and loaded in place under ``federated.reuse_clients`` (no random draw matters here:
+        every local training seeds its own)."""
+        if not self.reuses_clients():
+            return self._module(weights)
+        if self._scratch is None:
+            self._scratch = {}
+        if role not in self._scratch:
+            self._scratch[role] = self._module(weights)
+        else:
+            set_weights(self._scratch[role], weights)
+        return self._scratch[role]
 
     def _datamodule(self, client: ClientData, eval_idx: np.ndarray, seed: int,
                     module: MERModule, flip: bool = False) -> SplitDataModule:
@@ -93,7 +212,8 @@ class ClientSide:
     def fit(self, start: Weights, train: ClientData, epochs: int, seed: int,
             hooks: ClientHooks | None = None, work: float = 1.0,
             flip: bool = False, private: bool = False) -> tuple[Weights, int]:
-        """Train from ``start`` on ``train.train_idx`` for ``epochs`` with a fresh Trainer.
+        """Train from ``start`` on ``train.train_idx`` for ``epochs`` (a fresh Trainer and
+        optimiser; the module is ``train.name``'s kept one under ``federated.reuse_clients``).
 
         ``hooks``: the rule's loss terms and gradient hooks, installed on the module (FedProx's
         term, SCAFFOLD's correction); a straggler stops after ``work`` of its optimiser steps;
@@ -101,10 +221,9 @@ class ClientSide:
         Returns (weights, optimiser steps taken).
         """
         L.seed_everything(seed, verbose=False)
-        module = self._module(start)
-        if hooks is not None:
-            module.loss_terms = list(hooks.loss_terms)
-            module.grad_hooks = list(hooks.grad_hooks)
+        module = self._training_module(train.name, start, private)
+        module.loss_terms = list(hooks.loss_terms) if hooks is not None else []
+        module.grad_hooks = list(hooks.grad_hooks) if hooks is not None else []
         if self.client_opt is not None:  # the baselines train with it too: same optimiser
             module.set_optimizer(**self.client_opt)
         trainer_kwargs = OmegaConf.to_container(self.cfg.trainer, resolve=True)
@@ -153,7 +272,7 @@ class ClientSide:
 
     def predict(self, weights: Weights, client: ClientData) -> np.ndarray:
         """(n_test, K) class probabilities of ``weights`` on a client's test split."""
-        module = self._module(weights).eval()
+        module = self._scratch_module("predict", weights).eval()
         loader = self._datamodule(client, client.test_idx, 0, module).predict_dataloader()
         with torch.no_grad():
             return torch.cat([module.predict_step(b, i) for i, b in enumerate(loader)]).numpy()
@@ -174,4 +293,6 @@ class ClientSide:
     def fedprox_anchor(self) -> list[torch.Tensor] | None:
         """The rule's proximal anchor as the net's parameter tensors (None without one)."""
         anchor = self.strategy.anchor_weights(self.global_weights, self.initial_weights)
-        return None if anchor is None else list(self._module(anchor).net.parameters())
+        if anchor is None:
+            return None
+        return [p.detach().clone() for p in self._scratch_module("anchor", anchor).net.parameters()]

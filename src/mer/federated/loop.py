@@ -4,15 +4,17 @@ The round loop; its parts live next door: client training (:mod:`.client`), the 
 (:mod:`.private`), worker processes (:mod:`.workers`), checkpoints (:mod:`.checkpoint`),
 evaluation and baselines (:mod:`.evaluation`), and each rule's own steps (:mod:`.rules`).
 
-Each round every selected client builds a fresh Lightning ``Trainer``, loads the global model
-(or, under P-FedProx personalisation, its own personalised model; under FedBN with its own
-batch-norm entries), trains ``local_epochs`` on its own training split (with the FedProx term
-when ``mu > 0``, with SCAFFOLD's gradient correction under ``rule.name=scaffold``) and returns
-its weights and example count. The server checks the updates (non-finite ones are excluded and
-counted), aggregates them with the configured rule and applies its optimiser. Every
-``eval_every`` rounds each client's test split is scored with the global and with its
-personalised model, and the figures pooled over clients. After every round the whole state is
-checkpointed, so ``resume=true`` continues an interrupted run to the same end state.
+Each round every selected client loads the global model (or, under P-FedProx personalisation,
+its own personalised model; under FedBN with its own batch-norm entries) into its module (kept
+across rounds under ``federated.reuse_clients``, bit-identical to a fresh one), trains
+``local_epochs`` with a fresh ``Trainer`` and optimiser on its own training split (with the
+FedProx term when ``mu > 0``, with SCAFFOLD's gradient correction under
+``rule.name=scaffold``) and returns its weights and example count. The server checks the
+updates (non-finite ones are excluded and counted), aggregates them with the configured rule
+and applies its optimiser. Every ``eval_every`` rounds each client's test split is scored with
+the global and with its personalised model, and the figures pooled over clients. After every
+round the whole state is checkpointed, so ``resume=true`` continues an interrupted run to the
+same end state.
 
 Samples never leave their client: the server only sees weights (and, for DPK-GAT's data
 prior, AU co-occurrence counts). Under secure aggregation (``privacy=secagg | ckks``) it sees

@@ -7,7 +7,12 @@
 - ``loso``: federated leave-one-subject-out over the clients' union (a composite): for each
   subject, that subject is held out of its client, the federation trains on everyone else,
   and the held-out clips are predicted. Predictions are pooled over all folds and scored
-  once, as in the centralised LOSO protocol.
+  once, as in the centralised LOSO protocol. ``protocol.workers`` (1 by default; ``auto``:
+  one per core) runs folds at once in forked worker processes (each fold's federation then
+  trains its clients in turn, with ``cores // workers`` torch threads); the results equal
+  running them in turn at that thread count. Each finished fold is saved in
+  ``<run dir>/folds_done/`` and ``resume=true`` loads it instead of training it again;
+  SIGTERM or Ctrl-C stops the workers at once (finished folds stay saved).
 
 Both keep subjects on one side of every split; nothing is selected on test data (the model
 of the last round is the one scored).
@@ -15,16 +20,23 @@ of the last round is the one scored).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mer.data.io import CorruptFileError, atomic_save, checked_load
 from mer.data.samples import FlowSamples
 from mer.engine.metrics import recognition_metrics
-from mer.engine.protocols import loso_folds
+from mer.engine.protocols import loso_folds, resolve_workers
 from mer.federated.loop import client_summary, make_clients, run_federated
 from mer.federated.partition import ClientData
+
+log = logging.getLogger(__name__)
 
 SCORES = ("uf1", "uar", "accuracy")
 
@@ -89,29 +101,150 @@ def client_loso_folds(samples: FlowSamples, clients: list[ClientData]
     return folds
 
 
+def _fold_recipe(cfg: DictConfig, subject: str, clients: list[ClientData]) -> str:
+    """Hash of what shapes a fold's result (not resume, progress, logging, paths, workers)."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("resume", "progress", "logger", "paths", "hydra"):
+        tree.pop(key, None)
+    fed = tree.get("federated", {})
+    for key in ("workers", "reuse_clients"):  # how, not what
+        fed.pop(key, None)
+    (fed.get("protocol") or {}).pop("workers", None)
+    split = [(c.name, c.train_idx.tolist(), c.test_idx.tolist()) for c in clients]
+    blob = json.dumps([tree, subject, split], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _fold_outcome(result: dict) -> dict:
+    """What LOSO keeps of a fold's federated run: its predictions and pooled figures."""
+    return {"predictions": result["predictions"], "pooled": _pooled_kinds(result)}
+
+
+def _fold_path(done_dir: Path, subject: str) -> Path:
+    return done_dir / f"{subject.replace('/', '_')}.pt"
+
+
+def _load_done_fold(done_dir: Path, subject: str, recipe: str) -> dict | None:
+    path = _fold_path(done_dir, subject)
+    if not path.exists():
+        return None
+    fix = "delete it and rerun with resume=true: that fold is trained again"
+    saved = checked_load(path, what=f"saved federated LOSO fold {subject}", fix=fix)
+    if not isinstance(saved, dict) or not {"recipe", "outcome"} <= set(saved):
+        raise CorruptFileError(f"saved federated LOSO fold {subject} {path} lacks its recipe "
+                               f"or outcome; {fix}")
+    if saved["recipe"] != recipe:
+        log.warning("not resuming fold %s: %s was saved by a different recipe (config "
+                    "changed); training it again", subject, path)
+        return None
+    return saved["outcome"]
+
+
+_FOLD_JOB: dict = {}  # a forked fold worker's (cfg, samples, run_dir)
+
+
+def _init_fold_worker(threads: int, parent_pid: int) -> None:
+    import torch
+
+    from mer.engine.workers import prepare_worker
+
+    prepare_worker(parent_pid)
+    torch.set_num_threads(threads)
+    for name in ("lightning", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _fold_in_worker(subject: str, fold_clients: list[ClientData]) -> dict:
+    cfg, samples, run_dir = _FOLD_JOB["cfg"], _FOLD_JOB["samples"], _FOLD_JOB["run_dir"]
+    return _fold_outcome(run_federated(cfg, samples, fold_clients,
+                                       run_dir / "checkpoints" / subject.replace("/", "_"),
+                                       show_progress=False))
+
+
+def _run_folds(cfg: DictConfig, samples: FlowSamples, run_dir: Path,
+               folds: list[tuple[str, list[ClientData]]], show_progress: bool
+               ) -> dict[str, dict]:
+    """Every fold's outcome: loaded from ``folds_done/`` (``resume=true``, same recipe),
+    else trained, in turn or in ``protocol.workers`` forked processes; each saved when done."""
+    from rich.progress import Progress
+
+    from mer.engine.workers import stop_pool, terminate_on_signal
+
+    done_dir = run_dir / "folds_done"
+    recipes = {subject: _fold_recipe(cfg, subject, fc) for subject, fc in folds}
+    done: dict[str, dict] = {}
+    if cfg.get("resume"):
+        for subject, _ in folds:
+            outcome = _load_done_fold(done_dir, subject, recipes[subject])
+            if outcome is not None:
+                done[subject] = outcome
+    todo = [(subject, fc) for subject, fc in folds if subject not in done]
+    protocol = cfg.federated.get("protocol") or {}
+    n_workers = resolve_workers(protocol.get("workers", 1), max(1, len(todo)))
+
+    def finished(subject: str, outcome: dict) -> None:
+        done[subject] = outcome
+        atomic_save({"recipe": recipes[subject], "outcome": outcome},
+                    _fold_path(done_dir, subject))
+
+    with Progress(disable=not show_progress) as progress:
+        task = progress.add_task("federated LOSO folds", total=len(folds), completed=len(done))
+        if n_workers == 1 or not todo:
+            for subject, fold_clients in todo:
+                finished(subject, _fold_outcome(run_federated(
+                    cfg, samples, fold_clients, run_dir / "checkpoints" /
+                    subject.replace("/", "_"), show_progress=False)))
+                progress.advance(task)
+            return done
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        import torch
+
+        if int(cfg.federated.get("workers") or 1) > 1:  # folds at once: clients in turn
+            cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+            with open_dict(cfg):
+                cfg.federated.workers = 1
+        _FOLD_JOB.update(cfg=cfg, samples=samples, run_dir=run_dir)  # inherited by the fork
+        threads = max(1, torch.get_num_threads() // n_workers)
+        with terminate_on_signal():
+            pool = ProcessPoolExecutor(n_workers,
+                                       mp_context=multiprocessing.get_context("fork"),
+                                       initializer=_init_fold_worker,
+                                       initargs=(threads, os.getpid()))
+            try:
+                futures = {subject: pool.submit(_fold_in_worker, subject, fc)
+                           for subject, fc in todo}
+                for subject, future in futures.items():
+                    finished(subject, future.result())
+                    progress.advance(task)
+            except BaseException:  # SIGTERM, Ctrl-C, a failed fold: never wait for the others
+                stop_pool(pool)
+                log.warning("stopped after %d of %d folds; those finished are saved in %s "
+                            "(resume=true continues)", len(done), len(folds), done_dir)
+                raise
+            finally:
+                _FOLD_JOB.clear()
+            pool.shutdown()
+    return done
+
+
 def run_loso(cfg: DictConfig, samples: FlowSamples, run_dir: Path,
              show_progress: bool = True) -> dict:
     """Federated LOSO: one full federated run per held-out subject, predictions pooled."""
-    from rich.progress import Progress
-
     clients = make_clients(cfg, samples)
     folds = client_loso_folds(samples, clients)
     names = samples.class_names
+    outcomes = _run_folds(cfg, samples, Path(run_dir), folds, show_progress)
     per_fold, preds, idx, summed = {}, {}, [], {}
-    with Progress(disable=not show_progress) as progress:
-        task = progress.add_task("federated LOSO folds", total=len(folds))
-        for subject, fold_clients in folds:
-            result = run_federated(cfg, samples, fold_clients,
-                                   run_dir / "checkpoints" / subject.replace("/", "_"),
-                                   show_progress=False)
-            fold_preds = result["predictions"]
-            idx.extend(fold_preds["index"])
-            for kind, p in fold_preds["pred"].items():
-                preds.setdefault(kind, []).extend(p)
-            for kind, cm in fold_preds.get("confusion", {}).items():  # secagg / ckks
-                summed[kind] = summed.get(kind, 0) + np.asarray(cm, np.int64)
-            per_fold[subject] = {k: v for k, v in _pooled_kinds(result).items()}
-            progress.advance(task)
+    for subject, _ in folds:  # pooled in fold order, however they were run
+        fold_preds, pooled_kinds = outcomes[subject]["predictions"], outcomes[subject]["pooled"]
+        idx.extend(fold_preds["index"])
+        for kind, p in fold_preds["pred"].items():
+            preds.setdefault(kind, []).extend(p)
+        for kind, cm in fold_preds.get("confusion", {}).items():  # secagg / ckks
+            summed[kind] = summed.get(kind, 0) + np.asarray(cm, np.int64)
+        per_fold[subject] = dict(pooled_kinds)
     if summed:  # under secure aggregation only the folds' summed confusion matrices exist
         from mer.privacy.pooled import confusion_metrics
 
