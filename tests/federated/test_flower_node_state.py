@@ -194,6 +194,13 @@ def test_a_worker_needs_a_state_dir():
 
 
 @pytest.mark.slow
+def _same_up_to_threads(x: np.ndarray, y: np.ndarray) -> None:
+    """Equal up to float32 rounding: the worker is another process, and earlier tests in the
+    same pytest process may have changed torch's thread count here, which reorders float32
+    sums (the whole suite gave 1.5e-8 differences; run alone, the arrays are identical)."""
+    np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+
+
 def test_the_warm_worker_answers_as_the_clientapp_process_would(tmp_path):
     """query, train, evaluate of a tiny run answered by the node's warm worker (another
     process) == answered here: same reply, same node state; the worker then exits idle."""
@@ -232,12 +239,12 @@ def test_the_warm_worker_answers_as_the_clientapp_process_would(tmp_path):
             for key in a:
                 if isinstance(a[key], ArrayRecord):
                     for x, y in zip(a[key].to_numpy_ndarrays(), b[key].to_numpy_ndarrays()):
-                        np.testing.assert_array_equal(x, y)
+                        _same_up_to_threads(x, y)
                 elif key != "metrics":  # (seconds differ)
                     assert dict(a[key]) == dict(b[key]), (kind, key)
         for x, y in zip(contexts["here"].state["last"].to_numpy_ndarrays(),
                         contexts["worker"].state["last"].to_numpy_ndarrays()):
-            np.testing.assert_array_equal(x, y)
+            _same_up_to_threads(x, y)
         assert (tmp_path / "worker" / "run-1" / f"{node.client.name}.state").exists()
         log = (tmp_path / "worker" / "worker.log").read_text()
         pid = int(log.split("worker ")[1].split()[0])
