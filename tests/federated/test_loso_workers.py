@@ -11,21 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from fedtoys import fed_cfg, toy_samples
 from omegaconf import open_dict
 
 import mer.federated.protocols as protocols
 from mer.federated.protocols import run_loso
-
-
-@pytest.fixture
-def one_thread():
-    """Fold workers get ``threads // workers`` (at least 1): the comparison needs one count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(workers, resume=False, rounds=1, **federated):

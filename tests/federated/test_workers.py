@@ -3,20 +3,10 @@ training them in turn gives (same seeds, same thread count), state and faults in
 
 import numpy as np
 import pytest
-import torch
 from fedtoys import fed_cfg, toy_samples
 from omegaconf import OmegaConf, open_dict
 
 from mer.federated.loop import FederatedRun, make_clients
-
-
-@pytest.fixture
-def one_thread():
-    """Workers train with their share of the threads; the comparison needs the same count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(cfg, samples):
