@@ -54,7 +54,7 @@ from mer.config_rules import (  # noqa: F401 (re-exported)
     problem_text,
 )
 from mer.paths import CONF_DIR
-from mer.privacy.checks import CKKS_RULES
+from mer.privacy.checks import CKKS_RULES, DP_RULES
 
 CONF = CONF_DIR
 
@@ -315,6 +315,7 @@ RULES: tuple[Rule, ...] = (
     Rule("privacy.accountant", OneOf(choices=("rdp", "prv"))),
     Rule("privacy.sample_rate", Prob(open_lo=True, null=True, eg=0.1)),
     Rule("privacy.secure_mode", Bool()),
+    *DP_RULES,
     *CKKS_RULES,
     Rule("privacy.chunk_size", COUNT, "values per CKKS vector; 0: the whole model"),
     Rule("privacy.symmetric", Bool()),

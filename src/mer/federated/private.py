@@ -44,6 +44,7 @@ class PrivacySide:
         )
 
         self.privacy_name = privacy_cfg.name if privacy_cfg else "none"
+        self.dp_model: dict | None = None  # what DP changed in the model (_fixed)
         layer = privacy_from_config(privacy_cfg) if privacy_cfg else None
         self.secure = layer if isinstance(layer, SecureAggregation) else None
         self.dp = layer if isinstance(layer, DPConfig) else None
@@ -76,20 +77,38 @@ class PrivacySide:
     def _fixed(self, module: MERModule) -> MERModule:
         """Under DP every copy of the model has batch norm replaced by group norm (Opacus'
         fix): DP-SGD needs per-sample gradients, and central DP's noise on running
-        variances could make them negative."""
+        variances could make them negative. The first copy (the server's template) records
+        and logs what changed and, under DP-SGD, how per-sample gradients are computed."""
         if self.dp or self.central_dp:
-            from mer.privacy.dp import fix_module
+            from mer.privacy.dp import fix_module, model_changes, resolve_grad_sample
 
-            fix_module(module)
+            if self.dp_model is None:
+                changes = model_changes(module.net)
+                fix_module(module)
+                self.dp_model = {"changes": changes}
+                if self.dp:  # a grad_sample mode the network cannot take fails here, at once
+                    self.dp_model["grad_sample"] = resolve_grad_sample(module.net,
+                                                                       self.dp.grad_sample)
+                log.info("privacy=%s: %s changed for Opacus: %s%s", self.privacy_name,
+                         type(module.net).__name__, changes or "nothing",
+                         f"; per-sample gradients by {self.dp_model['grad_sample']}"
+                         if self.dp else "")
+            else:
+                fix_module(module)
         return module
 
     def epsilons(self) -> dict:
-        """Privacy spent so far: per client (DP-SGD) or for every client (central DP)."""
+        """Privacy spent so far: per client (DP-SGD) or for every client (central DP), and
+        ``model``: what DP changed in the network (``changes``, counted by kind) and how
+        DP-SGD computes per-sample gradients (``grad_sample``: hooks | functorch)."""
+        model = {"model": self.dp_model} if self.dp_model else {}
         if self.dp:
             return {"delta": self.dp.delta,
-                    "clients": {n: p.epsilon() for n, p in self.client_privacy.items()}}
+                    "clients": {n: p.epsilon() for n, p in self.client_privacy.items()},
+                    **model}
         if self.central_dp:
-            return {"delta": self.central_dp.cfg.delta, "central": self.central_dp.epsilon()}
+            return {"delta": self.central_dp.cfg.delta, "central": self.central_dp.epsilon(),
+                    **model}
         return {}
 
     def au_counts(self) -> np.ndarray | None:

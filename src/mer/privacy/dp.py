@@ -21,10 +21,28 @@ Use in a Lightning fit (what the federated loop does per client and round)::
 Models: batch norm mixes samples in a batch, so per-sample gradients do not exist;
 :func:`fix_module` converts it with ``opacus.validators.ModuleValidator.fix`` (BatchNorm ->
 GroupNorm; this changes the state-dict layout, so the server's model must be fixed alike)
-and turns in-place activations off (Opacus' backward hooks cannot see through them). Models
-whose layers Opacus' hooks cannot take (DPK-GAT: its graph layers batch over AU nodes, not
-samples) get their per-sample gradients from one backward pass per sample instead; Opacus'
-DPOptimizer and accountant do the rest either way.
+and turns in-place activations off (Opacus' backward hooks cannot see through them);
+:func:`model_changes` lists what it changes (the federated run logs it and writes it in its
+results). Per-sample gradients come one of two ways (``privacy.grad_sample``,
+:func:`resolve_grad_sample`), each fed the batch exactly as normal training feeds it (the
+flow, the named inputs, AU targets and landmarks); Opacus' DPOptimizer then clips, adds noise
+and accounts:
+
+- ``hooks``: Opacus' per-layer hooks, when every module holding parameters is a layer Opacus
+  has a grad sampler for (conv 1/2/3-d, linear, group/layer norm...: STSTNet, dense_attention,
+  MPFNet). Opacus' own fallback for other modules replays them with their *first* input only
+  (MFDAN's blocks take three) and refuses modules with buffers (DPK-GAT), so those go to
+  ``functorch``. A step checks that each layer saw one row per sample (a layer that folds
+  other axes into the batch, as DPK-GAT's patch CNN does, would be clipped per row).
+  Parameters a step does not reach (MPFNet's encoder frozen in its training stage) sit the
+  step out: no noise, no update, as without DP.
+- ``functorch``: the gradient of the module's own loss (``compute_loss``) on each sample as
+  a batch of one (:func:`per_sample_gradients`): ``torch.func.vmap`` of ``torch.func.grad``
+  (per-sample dropout) where the network allows it (MFDAN), else one backward pass per
+  sample (DPK-GAT: its AU loss selects the annotated samples with a boolean mask, a
+  data-dependent shape vmap cannot batch). Every trainable parameter gets a per-sample
+  gradient (zero where unused: a staged network's idle part would get noise, so MPFNet
+  runs under hooks).
 
 **DP-SGD on in-memory tensors** (:func:`dp_sgd`): the same Opacus pieces (Poisson batches,
 per-sample clipping, noise, one accountant per data holder) without Lightning, for a small
@@ -50,6 +68,7 @@ lab-clipped updates is the building block for that, not wired into the loop).
 
 from __future__ import annotations
 
+import logging
 import types
 import warnings
 from dataclasses import dataclass
@@ -63,10 +82,14 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleHooks
 from opacus.validators import ModuleValidator
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from mer.engine.module import MERModule
 from mer.privacy.base import Layout, Weights, flatten, unflatten
+from mer.privacy.checks import GRAD_SAMPLE_MODES
+
+log = logging.getLogger(__name__)
 
 
 class DPUnsupportedModel(ValueError):
@@ -88,6 +111,8 @@ class DPConfig:
             (so that an epoch is a whole number of steps and Opacus, which accounts
             ``1 / steps per epoch``, accounts exactly the rate used).
         secure_mode: Opacus' cryptographically secure noise (needs torchcsprng).
+        grad_sample: how per-sample gradients are computed: ``auto`` (Opacus' hooks where
+            they are exact, else ``functorch``), ``hooks`` or ``functorch`` (module doc).
     """
 
     noise_multiplier: float = 1.0
@@ -97,6 +122,7 @@ class DPConfig:
     accountant: str = "rdp"
     sample_rate: float | None = None
     secure_mode: bool = False
+    grad_sample: str = "auto"
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
@@ -156,13 +182,32 @@ class ClientPrivacy:
                                                  else self.dp.delta))
 
 
+def model_changes(net: nn.Module) -> dict[str, int]:
+    """What :func:`fix_module` changes in ``net``, counted by kind: ``{"BatchNorm2d ->
+    GroupNorm": 6, "inplace off (ReLU)": 4}`` (empty: nothing)."""
+    changes: dict[str, int] = {}
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            key = f"{type(m).__name__} -> GroupNorm"
+        elif getattr(m, "inplace", False):
+            key = f"inplace off ({type(m).__name__})"
+        else:
+            continue
+        changes[key] = changes.get(key, 0) + 1
+    return changes
+
+
 def fix_module(module: MERModule) -> MERModule:
     """Make ``module.net`` trainable by Opacus, in place: BatchNorm -> GroupNorm
-    (``ModuleValidator.fix``), in-place activations off. Returns the module."""
+    (``ModuleValidator.fix``), in-place activations off (:func:`model_changes` lists them).
+    Returns the module."""
+    changes = model_changes(module.net)
     module.net = ModuleValidator.fix(module.net)
     for m in module.net.modules():
         if getattr(m, "inplace", False):
             m.inplace = False
+    if changes:
+        log.debug("DP: %s changed for Opacus: %s", type(module.net).__name__, changes)
     return module
 
 
@@ -215,14 +260,48 @@ class DPDataModule(L.LightningDataModule):
         return self.inner.predict_dataloader()
 
 
-def hooks_supported(net: torch.nn.Module) -> bool:
-    """Whether Opacus' per-layer hooks can give per-sample gradients of ``net`` (DPK-GAT's
-    graph layers see nodes, not samples, as their batch: no)."""
-    try:
-        GradSampleHooks(net).cleanup()
-    except NotImplementedError:
-        return False
-    return True
+def hooks_gaps(net: nn.Module) -> list[str]:
+    """The modules of ``net`` Opacus' hooks cannot give exact per-sample gradients of:
+    those holding trainable parameters themselves that are not a layer type with an Opacus
+    grad sampler, or that hold buffers (``name (Type)``; empty: hooks are exact)."""
+    gaps: list[str] = []
+
+    def walk(name: str, m: nn.Module) -> None:
+        if any(p.requires_grad for p in m.parameters(recurse=False)):
+            if type(m) not in GradSampleHooks.GRAD_SAMPLERS or next(m.buffers(), None) is not None:
+                gaps.append(f"{name or '<root>'} ({type(m).__name__})")
+                return  # Opacus would take this module (and all below it) as one
+        for child_name, child in m.named_children():
+            walk(f"{name}.{child_name}" if name else child_name, child)
+
+    walk("", net)
+    return gaps
+
+
+def hooks_supported(net: nn.Module) -> bool:
+    """Whether Opacus' per-layer hooks give exact per-sample gradients of ``net``
+    (:func:`hooks_gaps` is empty; MFDAN's blocks and DPK-GAT: no)."""
+    return not hooks_gaps(net)
+
+
+def resolve_grad_sample(net: nn.Module, wanted: str = "auto") -> str:
+    """``hooks`` or ``functorch`` for ``net`` under ``privacy.grad_sample=wanted``.
+
+    Raises:
+        DPUnsupportedModel: ``hooks`` asked for a network they cannot take (named).
+        ValueError: an unknown mode.
+    """
+    if wanted not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"privacy.grad_sample={wanted!r}: use one of {list(GRAD_SAMPLE_MODES)}")
+    if wanted == "auto":
+        return "hooks" if hooks_supported(net) else "functorch"
+    if wanted == "hooks" and not hooks_supported(net):
+        raise DPUnsupportedModel(
+            f"privacy.grad_sample=hooks: Opacus' hooks cannot give {type(net).__name__}'s "
+            f"per-sample gradients: {hooks_gaps(net)[:3]} hold parameters but are no layer "
+            "Opacus has a grad sampler for (or hold buffers). Use privacy.grad_sample=auto or "
+            "functorch")
+    return wanted
 
 
 def make_private(module: MERModule, datamodule, dp: DPConfig, privacy: ClientPrivacy,
@@ -231,21 +310,23 @@ def make_private(module: MERModule, datamodule, dp: DPConfig, privacy: ClientPri
 
     In place: ``configure_optimizers`` wraps the module's optimiser in Opacus' DPOptimizer
     (clip to ``dp.max_grad_norm``, noise ``privacy.noise_multiplier``) with ``privacy``'s
-    accountant. Per-sample gradients come from Opacus' hooks on ``module.net`` (no wrapper:
-    the state dict keeps its keys; removed at the end of the fit) when Opacus supports every
-    layer; otherwise (e.g. DPK-GAT, whose graph layers batch over nodes) from one backward
-    pass per sample (exact, slower; manual optimisation). Fit with the returned datamodule
-    (Poisson batches at :func:`sample_rate_for`).
+    accountant. Per-sample gradients (:func:`resolve_grad_sample`, ``dp.grad_sample``) come
+    from Opacus' hooks on ``module.net`` (no wrapper: the state dict keeps its keys; removed
+    at the end of the fit) or from ``torch.func`` on the module's loss of each sample alone
+    (manual optimisation). Fit with the returned datamodule (Poisson batches at
+    :func:`sample_rate_for`).
 
     Raises:
         DPUnsupportedModel: the network has batch norm / in-place modules (run
-            :func:`fix_module` first).
+            :func:`fix_module` first), or ``dp.grad_sample=hooks`` for a network they
+            cannot take.
     """
     _check_supported(module.net)
+    mode = resolve_grad_sample(module.net, dp.grad_sample)
     q = sample_rate_for(dp, len(datamodule.train_idx), datamodule.batch_size)
     dm = DPDataModule(datamodule, q, seed)
-    if not hooks_supported(module.net):
-        return _make_private_per_sample_loop(module, dm, dp, privacy, seed), dm
+    if mode == "functorch":
+        return _make_private_functorch(module, dm, dp, privacy, seed), dm
     base_configure = module.configure_optimizers
     base_training_step = module.training_step
 
@@ -259,13 +340,15 @@ def make_private(module: MERModule, datamodule, dp: DPConfig, privacy: ClientPri
             noise_multiplier=privacy.noise_multiplier, max_grad_norm=dp.max_grad_norm,
             poisson_sampling=False, wrap_model=False, noise_generator=noise_gen)
         self._dp_hooks = hooks
+        _guard_hook_steps(dp_opt, self)
         if self.loss_terms:
             _add_loss_terms_after_noise(dp_opt, self)
         return dp_opt
 
     def training_step(self, batch, batch_idx):
+        self._dp_rows = len(batch[1])
         if len(batch[1]) == 0:  # an empty Poisson batch: the step is noise only
-            out = self(batch[0])
+            out = self(batch[0], *self._inputs(batch))
             return getattr(out, "logits", out).sum() * 0.0
         return base_training_step(batch, batch_idx)
 
@@ -281,14 +364,128 @@ def make_private(module: MERModule, datamodule, dp: DPConfig, privacy: ClientPri
     return module, dm
 
 
-def _make_private_per_sample_loop(module: MERModule, dm: DPDataModule, dp: DPConfig,
-                                  privacy: ClientPrivacy, seed: int) -> MERModule:
-    """DP-SGD with per-sample gradients from one backward pass per sample.
+def _guard_hook_steps(dp_opt, module: MERModule) -> None:
+    """Wrap ``dp_opt.pre_step`` (clip, noise, account) for Opacus' hooks: a parameter the
+    step's forward did not reach (no ``grad_sample``: MPFNet's encoder frozen in this stage)
+    sits the step out, as it would without DP (which parameters a step uses depends on the
+    step count only, not on the data); a reached one must have one per-sample row per sample
+    of the batch, else its layer batches over something else and clipping would not be
+    per sample."""
+    base_pre_step = dp_opt.pre_step
+    names = {id(p): n for n, p in module.net.named_parameters()}
 
-    Each step sets ``p.grad_sample`` (B, *p.shape) from B single-sample losses, then Opacus'
-    DPOptimizer clips, sums, adds noise, divides by the expected batch size and steps the
-    client's accountant, exactly as with hooks.
+    def pre_step(closure=None):
+        rows, idle = getattr(module, "_dp_rows", None), []
+        for p in dp_opt.params:
+            gs = getattr(p, "grad_sample", None)
+            if gs is None:
+                idle.append(p)
+                continue
+            n = len(gs) if isinstance(gs, torch.Tensor) else sum(len(g) for g in gs)
+            if rows is not None and n != rows:
+                raise DPUnsupportedModel(
+                    f"{type(module.net).__name__}: Opacus' hooks gave "
+                    f"{names.get(id(p), '?')} {n} per-sample gradients for a batch of {rows}: "
+                    "its layer batches over more than the samples, so clipping would not be "
+                    "per sample. Use privacy.grad_sample=functorch")
+        if len(idle) == len(dp_opt.params):
+            return base_pre_step(closure)
+        for p in idle:
+            p.requires_grad_(False)  # out of DPOptimizer.params for this step
+        try:
+            return base_pre_step(closure)
+        finally:
+            for p in idle:
+                p.requires_grad_(True)
+
+    dp_opt.pre_step = pre_step
+
+
+class _OneSampleLoss(nn.Module):
+    """``forward(*batch)``: the module's training loss (``compute_loss``) on ``batch``."""
+
+    def __init__(self, module: MERModule) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.module.compute_loss(batch)[0]
+
+
+def _tensor_attributes(net: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor | None]]:
+    """Plain tensor attributes of ``net``'s modules (not parameters or buffers), e.g. MFDAN's
+    ``last_attention``; None-valued ones too (a forward may fill them)."""
+    return [(m, k, v) for m in net.modules() for k, v in vars(m).items()
+            if not k.startswith("_") and (v is None or isinstance(v, torch.Tensor))]
+
+
+def _restore_tensor_attributes(kept: list[tuple[nn.Module, str, torch.Tensor | None]]) -> None:
+    # what a forward stores on a module inside vmap is a functorch wrapper that must not
+    # outlive it (it cannot even be copied): put the attributes back as they were
+    for m, k, v in kept:
+        setattr(m, k, v)
+
+
+# (module class, net class) pairs whose loss torch.func.vmap could not batch: not retried
+_NOT_VECTORISABLE: set[tuple[str, str]] = set()
+
+
+def per_sample_gradients(module: MERModule, batch: tuple[torch.Tensor, ...], names: list[str]
+                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per-sample gradients of the module's loss: ``(grads, losses)``.
+
+    For each sample i of ``batch`` (x, y, then whatever the batch carries, as the datamodule
+    gives it), the gradient of ``module.compute_loss`` on the batch of that one sample with
+    respect to the net's parameters ``names``: grads[k] (B, *shape of names[k]), zero where a
+    parameter is unused; losses (B,). ``torch.func.vmap`` of ``torch.func.grad`` over the
+    samples (each draws its own dropout) where the network allows it; else (e.g. a loss that
+    selects samples with a boolean mask, a data-dependent shape vmap cannot batch) one
+    backward pass per sample.
     """
+    own = dict(module.net.named_parameters())
+    n = len(batch[1])
+    if n == 0:
+        return [own[k].new_zeros((0, *own[k].shape)) for k in names], torch.zeros(0)
+    kind = (type(module).__qualname__, type(module.net).__qualname__)
+    if kind not in _NOT_VECTORISABLE:
+        wrapper = _OneSampleLoss(module)
+
+        def loss_one(p, *sample):
+            loss = torch.func.functional_call(wrapper, p, tuple(t.unsqueeze(0) for t in sample))
+            return loss, loss.detach()
+
+        params = {f"module.net.{k}": own[k].detach() for k in names}
+        kept = _tensor_attributes(module.net)
+        try:
+            grads, losses = torch.func.vmap(
+                torch.func.grad(loss_one, has_aux=True), in_dims=(None,) + (0,) * len(batch),
+                randomness="different")(params, *batch)
+            return [grads[f"module.net.{k}"] for k in names], losses
+        except RuntimeError as e:
+            _NOT_VECTORISABLE.add(kind)
+            log.info("DP: %s's loss cannot be vectorised by torch.func.vmap (%s); per-sample "
+                     "gradients by one backward pass per sample", kind[1],
+                     str(e).splitlines()[0])
+        finally:
+            _restore_tensor_attributes(kept)
+    tensors = [own[k] for k in names]
+    per_sample: list[list[torch.Tensor]] = [[] for _ in names]
+    losses = []
+    for i in range(n):
+        loss, _ = module.compute_loss(tuple(t[i:i + 1] for t in batch))
+        for k, (p, g) in enumerate(zip(tensors, torch.autograd.grad(loss, tensors,
+                                                                     allow_unused=True))):
+            per_sample[k].append(torch.zeros_like(p) if g is None else g)
+        losses.append(loss.detach())
+    return [torch.stack(g) for g in per_sample], torch.stack(losses)
+
+
+def _make_private_functorch(module: MERModule, dm: DPDataModule, dp: DPConfig,
+                            privacy: ClientPrivacy, seed: int) -> MERModule:
+    """DP-SGD with per-sample gradients from :func:`per_sample_gradients` (manual
+    optimisation): each step sets ``p.grad_sample`` (B, *p.shape), then Opacus' DPOptimizer
+    clips, sums, adds noise, divides by the expected batch size and steps the client's
+    accountant, exactly as with hooks."""
     from opacus.optimizers import DPOptimizer
 
     base_configure = module.configure_optimizers
@@ -306,22 +503,15 @@ def _make_private_per_sample_loop(module: MERModule, dm: DPDataModule, dp: DPCon
         return dp_opt
 
     def training_step(self, batch, batch_idx):
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        n = len(batch[1])
-        per_sample: list[list[torch.Tensor]] = [[] for _ in params]
-        total = torch.zeros(())
-        for i in range(n):
-            loss, _ = self.compute_loss(tuple(t[i:i + 1] for t in batch))
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for k, (p, g) in enumerate(zip(params, grads)):
-                per_sample[k].append(torch.zeros_like(p) if g is None else g)
-            total = total + loss.detach()
-        for p, grads in zip(params, per_sample):  # an empty Poisson batch: one zero sample
-            p.grad_sample = torch.stack(grads) if grads else torch.zeros((1, *p.shape))
+        named = [(k, p) for k, p in self.net.named_parameters() if p.requires_grad]
+        grads, losses = per_sample_gradients(self, tuple(batch), [k for k, _ in named])
+        for (_, p), g in zip(named, grads):
+            p.grad_sample = g
         optimizer = self.optimizers()
         optimizer.step()
         optimizer.zero_grad()
-        self.log("train_loss", total / max(n, 1), on_step=False, on_epoch=True,
+        n = len(batch[1])
+        self.log("train_loss", losses.sum() / max(n, 1), on_step=False, on_epoch=True,
                  batch_size=max(n, 1))
 
     module.configure_optimizers = types.MethodType(configure_optimizers, module)
