@@ -72,7 +72,7 @@ def test_holdout_federation_prior_counts_training_splits_only():
     run = FederatedRun(cfg, s, clients)
     built = []
     make = run._module
-    run._module = lambda w: built.append(make(w)) or built[-1]  # every client's model
+    run._module = lambda w, *key: built.append(make(w, *key)) or built[-1]  # every model
     check_training_only(s, clients, prior_of(run, run.initial_weights))
     run.round(1)
     check_training_only(s, clients, prior_of(run, run.global_weights))

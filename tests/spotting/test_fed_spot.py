@@ -1,4 +1,5 @@
-"""Federated spotting: labs' splits, FedAvg over spotter modules, thresholds from counts."""
+"""Federated spotting: labs' splits, thresholds from counts (training through the federated
+loop: test_fed_spot_loop.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mer.experiments.fed_spot import federated_spotter, lab_splits
+from mer.experiments.fed_spot import lab_splits
 from mer.spotting.base import best_thresholds, threshold_counts
 from mer.spotting.registry import create_spotter
 
@@ -43,27 +44,3 @@ def test_summed_lab_counts_choose_the_threshold_pooled_videos_would(standin):
         np.testing.assert_array_equal(ca[kind] + cb[kind], both[kind])
     summed = {k: ca[k] + cb[k] for k in ca}
     assert best_thresholds(sp.candidates, summed) == best_thresholds(sp.candidates, both)
-
-
-def test_federated_spotter_trains_by_fedavg(standin, monkeypatch):
-    from mer.federated import aggregators
-
-    videos = _labs(standin)
-    splits = {db: (train, test) for db, (train, test) in lab_splits(videos, 0.3, 0).items()}
-    calls = []
-    real = aggregators.fedavg
-
-    def spy(results):
-        calls.append([n for _, n in results])
-        return real(results)
-
-    monkeypatch.setattr(aggregators, "fedavg", spy)
-    server, history = federated_spotter({"name": "apex_score", "epochs": 1}, splits, rounds=2,
-                                        local_epochs=1, seed=0)
-    assert len(calls) == 3 and all(len(c) == 2 for c in calls)  # initial state + 2 rounds
-    assert [h["round"] for h in history] == [1, 2] and set(history[0]["train_loss"]) == \
-        {"casme_sq", "samm_lv"}
-    # the initial parameters were identical at both labs; the buffers (feature scale) averaged
-    assert server.fitted and set(server.thresholds) == {"micro", "macro"}
-    out = server.spot(splits["casme_sq"][1][0])
-    assert set(out["type"]) <= {"micro", "macro"}

@@ -1,38 +1,26 @@
-"""Federated spotting: a learned spotter trained by FedAvg, one lab per long-video database.
+"""Federated spotting: a learned spotter trained by mer's federated loop, one lab per
+long-video database.
 
 ``python -m mer.run +experiment=fed_spot`` (``run_fed_spot``). Each lab (a database of the
 data config: CAS(ME)^2-like and SAMM-LV-like on SynME-LV) keeps its long videos and splits its
 subjects into training and test (``fed_spot.test_fraction``, seeded by the database name, so
-a lab's split does not depend on the others). Then:
+a lab's split does not depend on the others). The federated part is
+:func:`mer.federated.loop.run_federated` with the spotting task
+(:class:`mer.spotting.federated.SpotTask`): the configured rule (``federated=fedavg |
+fedprox | fedbn | scaffold | fednova | ...``), privacy (``privacy=secagg | ckks``), faults,
+``federated.rounds`` x ``federated.local_epochs`` and checkpoint/resume (``resume=true``)
+apply as for recognition. The set-up round (initial model, interval lengths), the threshold
+round (per candidate threshold and type, each lab's ``(TP, predictions, ground truths)`` on
+its validation subjects) and the scoring (each lab's MEGC counts on its test subjects) are
+sums over the labs: protected under secure aggregation, so the server never holds a video,
+score, interval or one lab's counts.
 
-1. **Set-up**: every lab builds the spotter's network from the same seed on its own training
-   videos; what the network keeps of its data (the per-channel feature scale, MESFusion's flow
-   scale: buffers) differs, and the server starts from the FedAvg of these initial states
-   (identical parameters, size-weighted mean statistics). The expected interval lengths are
-   the size-weighted mean of the labs' medians.
-2. **Rounds** (``fed_spot.rounds``): each lab loads the global weights, trains
-   ``local_epochs`` on its training videos (fresh Lightning Trainer, ``mer.spotting.module``)
-   and returns its weights and window count; the server drops non-finite updates
-   (``aggregators.check_updates``) and takes the FedAvg (``aggregators.fedavg``).
-3. **Thresholds**: each lab scores its own validation subjects (carved from its training
-   subjects) with the final global model and sends, per candidate threshold and type, only
-   the counts ``(TP, predictions, ground truths)``; the server sums them and picks the best
-   pooled F1 (``mer.spotting.base.best_thresholds``). Never a video, score or interval.
-4. **Scoring**: each lab spots its test videos; MEGC tables per lab and pooled. With
-   ``fed_spot.baselines``: the same spotter trained pooled (centralised, all labs' training
-   videos) and local-only (each lab alone, its own thresholds), scored on the same test splits.
-
-Why not ``mer.federated.loop``: its ``FederatedRun`` is built for recognition. The hooks it
-lacks for a spotter are: (a) client data that is not an index set of ``FlowSamples``
-(``ClientData.train_idx/test_idx`` + ``SplitDataModule`` of (x, y) tensors) -- a
-``make_datamodule(client)`` hook; (b) a module factory other than ``engine.build.build_module``
-from ``cfg.model`` (which needs ``FlowSamples.num_classes``) -- a ``build_module(client)``
-hook; (c) an evaluation other than UF1/UAR of argmax predictions
-(``recognition_metrics``) -- a ``score(client, module) -> dict`` hook with a pooling rule
-(MEGC counts are summed, not averaged); (d) a post-training round of statistics (the
-threshold counts). With those four hooks the loop's rules, privacy and faults would apply to
-spotting unchanged; here the smallest thing that works is FedAvg over the spotter modules'
-state dicts with the loop's own pure functions (``mer.federated.aggregators``).
+With ``fed_spot.baselines``: the same spotter trained pooled (centralised, all labs' training
+videos) and local-only (each lab alone, its own thresholds), ``rounds * local_epochs``
+epochs, scored on the same test splits. Outputs: results.json (MEGC tables per model:
+pooled over labs, and per lab where the labs disclose them), intervals.csv (each lab's own
+annotated intervals, written here as each lab would), ``federated_state.pt`` (the loop's
+checkpoint).
 """
 
 from __future__ import annotations
@@ -49,13 +37,15 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mer.config_check import check_clients
+from mer.config_rules import ConfigError
 from mer.data.io import atomic_write_text, atomic_write_with
-from mer.federated import aggregators
-from mer.spotting.base import best_thresholds, split_subjects, threshold_counts
+from mer.federated.loop import run_federated
+from mer.spotting.federated import SpotTask
 from mer.spotting.matching import evaluate
 from mer.spotting.registry import create_spotter
 from mer.spotting.runner import gt_table
-from mer.spotting.videos import SpotVideo, expected_lengths, load_videos
+from mer.spotting.videos import SpotVideo, load_videos
 
 
 def lab_splits(videos: list[SpotVideo], test_fraction: float, seed: int
@@ -78,73 +68,11 @@ def lab_splits(videos: list[SpotVideo], test_fraction: float, seed: int
     return out
 
 
-def _weights(spotter) -> list[np.ndarray]:
-    return [v.detach().cpu().numpy().copy() for v in spotter.module.net.state_dict().values()]
-
-
-def _load(spotter, weights: list[np.ndarray]) -> None:
-    state = spotter.module.net.state_dict()
-    spotter.module.net.load_state_dict({k: torch.as_tensor(w).to(v.dtype).reshape(v.shape)
-                                        for (k, v), w in zip(state.items(), weights)})
-
-
-def _pooled_lengths(labs: dict[str, list[SpotVideo]]) -> dict:
-    """Size-weighted mean of the labs' median durations per type (what each lab shares)."""
-    per_lab = {db: expected_lengths(vids) for db, vids in labs.items()}
-    out = {}
-    for kind in ("micro", "macro"):
-        n = sum(p[kind]["n"] for p in per_lab.values())
-        if n == 0:
-            out[kind] = next(iter(per_lab.values()))[kind]
-            continue
-        out[kind] = {k: sum(p[kind][k] * p[kind]["n"] for p in per_lab.values()) / n
-                     for k in ("before_s", "after_s")} | {"n": n}
-    return out
-
-
-def federated_spotter(spotter_cfg: dict, splits: dict, rounds: int, local_epochs: int,
-                      seed: int) -> tuple[object, list[dict]]:
-    """Train one spotter by FedAvg over the labs (module docstring, steps 1-3)."""
-    labs = {}
-    for db, (train, _) in splits.items():
-        sp = create_spotter(spotter_cfg, seed=seed)
-        if not getattr(sp, "learned", False):
-            raise ValueError(f"fed_spot.spotter.name={sp.name}: federated spotting trains a "
-                             "learned spotter (apex_score, mesfusion, me_tst)")
-        prepared = [sp.prepare(v) for v in train]
-        fit, val = split_subjects(prepared, sp.val_subjects, seed)
-        torch.manual_seed(seed)
-        sp.setup(fit)
-        labs[db] = {"spotter": sp, "fit": fit, "val": val or fit}
-    names = list(labs)
-    lengths = _pooled_lengths({db: lab["fit"] for db, lab in labs.items()})
-    sizes = [sum(v.length for v in labs[db]["fit"]) for db in names]
-    global_w = aggregators.fedavg([(_weights(labs[db]["spotter"]), n)
-                                   for db, n in zip(names, sizes)])
-    history = []
-    for r in range(1, rounds + 1):
-        results, losses = [], {}
-        for db in names:
-            sp = labs[db]["spotter"]
-            _load(sp, global_w)
-            summary = sp.train_epochs(labs[db]["fit"], local_epochs, seed=seed * 1000 + r)
-            results.append((_weights(sp), int(summary["windows"])))
-            losses[db] = summary["final_loss"]
-        kept, excluded = aggregators.check_updates(results, names, reference=global_w)
-        global_w = aggregators.fedavg(kept)
-        history.append({"round": r, "train_loss": losses, "excluded": excluded})
-    server = labs[names[0]]["spotter"]
-    _load(server, global_w)
-    server.lengths = lengths
-    totals = {}
-    for db in names:  # each lab's counts on its own validation subjects, summed
-        counts = threshold_counts(server, labs[db]["val"])
-        totals = {k: totals.get(k, 0) + c for k, c in counts.items()}
-    server.thresholds, selection = best_thresholds(server.candidates, totals)
-    server.params = {"lengths": lengths, "thresholds": server.thresholds,
-                     "selection": selection, "rounds": rounds, "local_epochs": local_epochs}
-    server.fitted = True
-    return server, history
+def baseline(spotter_cfg: dict, videos: list[SpotVideo], epochs: int, seed: int):
+    """A spotter trained centrally on ``videos`` for ``epochs``, its network initialised from
+    ``seed`` (not from whatever state earlier work left the global generator in)."""
+    torch.manual_seed(seed)
+    return create_spotter({**spotter_cfg, "epochs": epochs}, seed=seed).fit(videos)
 
 
 def _score(spotter, tests: dict[str, list[SpotVideo]], gt: pd.DataFrame, model: str
@@ -169,26 +97,39 @@ def run_fed_spot(cfg: DictConfig, run_dir: Path) -> dict:
     splits = lab_splits(videos, float(fs.get("test_fraction", 0.3)), seed)
     gt = gt_table(videos)
     tests = {db: test for db, (_, test) in splits.items()}
-    fed, history = federated_spotter(spotter_cfg, splits, int(fs.rounds),
-                                     int(fs.local_epochs), seed)
-    annotated, table = _score(fed, tests, gt, "federated")
-    models = {"federated": {"megc": table, "params": fed.params, "rounds": history}}
-    frames = [annotated]
+    task = SpotTask(spotter_cfg, splits, seed)
+    problems = task.problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    check_clients(cfg, list(task.labs), "one lab per long-video database (fed_spot)")
+    fed = run_federated(cfg, None, task.clients, checkpoint_dir=run_dir,
+                        show_progress=bool(cfg.get("progress", True)), task=task)
+    final = fed["final"]
+    table = {"overall": final["pooled_global"],
+             "per_database": {db: r["global"] for db, r in final["per_client"].items()}}
+    models = {"federated": {
+        "megc": table, "params": fed["statistics"], "rounds": fed["rounds"],
+        "personalised": final["pooled_personalised"], "clients": fed["clients"],
+        "counts": fed["counts"], "privacy": fed["privacy"],
+        "resumed_after_round": fed["resumed_after_round"]}}
+    frames = [pd.concat(task.lab_intervals.get("global", {}).values(), ignore_index=True)
+              .assign(model="federated")] if task.lab_intervals.get("global") else []
     if fs.get("baselines", True):
-        epochs = int(fs.rounds) * int(fs.local_epochs)
-        pooled_sp = create_spotter({**spotter_cfg, "epochs": epochs}, seed=seed)
-        pooled_sp.fit([v for train, _ in splits.values() for v in train])
+        epochs = int(cfg.federated.rounds) * int(cfg.federated.local_epochs)
+        pooled_sp = baseline(spotter_cfg, [v for tr, _ in splits.values() for v in tr], epochs,
+                             seed)
         a, t = _score(pooled_sp, tests, gt, "pooled")
         models["pooled"] = {"megc": t, "params": pooled_sp.params}
         frames.append(a)
-        local = {db: create_spotter({**spotter_cfg, "epochs": epochs}, seed=seed).fit(train)
+        local = {db: baseline(spotter_cfg, train, epochs, seed)
                  for db, (train, _) in splits.items()}
         a, t = _score(local, tests, gt, "local")
         models["local"] = {"megc": t, "params": {db: s.params for db, s in local.items()}}
         frames.append(a)
     results = {
         "name": cfg.name, "synthetic": bool(provenance.get("synthetic")),
-        "spotter": spotter_cfg["name"], "models": models,
+        "spotter": spotter_cfg["name"], "rule": str(cfg.federated.rule.name),
+        "privacy": fed["privacy"]["name"], "models": models,
         "labs": {db: {"train_subjects": sorted({v.subject_key for v in tr}),
                       "test_subjects": sorted({v.subject_key for v in te})}
                  for db, (tr, te) in splits.items()},
@@ -197,9 +138,9 @@ def run_fed_spot(cfg: DictConfig, run_dir: Path) -> dict:
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    results["headline"] = float(table["overall"]["all"]["f1"] or 0.0)
+    results["headline"] = float((table["overall"].get("all") or {}).get("f1") or 0.0)
     text = json.dumps(results, indent=2, default=str)
-    intervals = pd.concat(frames, ignore_index=True)
+    intervals = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     atomic_write_with(run_dir / "intervals.csv",
                       lambda f: f.write(intervals.to_csv(index=False).encode("utf-8")))
     atomic_write_text(run_dir / "results.json", text)
@@ -212,15 +153,16 @@ def _print(results: dict, run_dir: Path) -> None:
     from rich.table import Table
 
     tag = " [bold yellow](SYNTHETIC data)[/]" if results["synthetic"] else ""
-    t = Table(title=f"{results['name']}: federated spotting ({results['spotter']}), "
-                    f"MEGC F1 on the labs' test subjects{tag}")
+    t = Table(title=f"{results['name']}: federated spotting ({results['spotter']}, "
+                    f"{results['rule']}, privacy {results['privacy']}), MEGC F1 on the labs' "
+                    f"test subjects{tag}")
     for col in ("model", "scope", "micro F1", "macro F1", "all F1"):
         t.add_column(col)
     for model, m in results["models"].items():
         for scope, c in [("pooled", m["megc"]["overall"])] + list(
                 m["megc"]["per_database"].items()):
-            t.add_row(model, scope, *(("-" if c[k]["f1"] is None else f"{c[k]['f1']:.4f}")
-                                      for k in ("micro", "macro", "all")))
+            t.add_row(model, scope, *(("-" if (c.get(k) or {}).get("f1") is None else
+                                       f"{c[k]['f1']:.4f}") for k in ("micro", "macro", "all")))
     Console().print(t)
     Console().print(f"outputs: {run_dir}")
 

@@ -17,7 +17,6 @@ NumPy's generator) or under DP-SGD (Opacus wraps the module) a fresh module is b
 
 from __future__ import annotations
 
-import math
 import random
 import time
 import warnings
@@ -26,13 +25,13 @@ from collections.abc import Callable
 import lightning as L
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mer.config_check import check_clients
 from mer.data.datamodule import SplitDataModule
 from mer.data.samples import FlowSamples
-from mer.engine.build import build_module, uses_aus
+from mer.engine.build import uses_aus
 from mer.engine.module import MERModule
 from mer.federated.faults import flip_labels
 from mer.federated.partition import ClientData, natural_clients, subject_clients
@@ -147,9 +146,10 @@ class ClientSide:
     _kept: dict[str, _KeptModule | None] | None = None
     _scratch: dict[str, MERModule] | None = None
 
-    def _module(self, weights: Weights) -> MERModule:
-        module = self._fixed(build_module(self.model_cfg, self.samples,
-                                          np.array([], dtype=np.int64)))
+    def _module(self, weights: Weights, client: str | None = None) -> MERModule:
+        """A module of the run's task (``client``'s own, where the task builds one per
+        client) holding ``weights``."""
+        module = self.task.build_module(self, client)
         set_weights(module, weights)
         return module
 
@@ -162,12 +162,12 @@ class ClientSide:
         """The module client ``key`` trains, holding ``weights``; the torch generator is left
         as a fresh build from the current state would leave it (bit-identical results)."""
         if not self.reuses_clients(private):
-            return self._module(weights)
+            return self._module(weights, key)
         if self._kept is None:
             self._kept = {}
         kept = self._kept.get(key, False)
         if kept is None:  # its build could not be replayed exactly: build fresh each time
-            return self._module(weights)
+            return self._module(weights, key)
         if kept is not False:
             kept.tape.replay()
             set_weights(kept.module, weights)
@@ -175,7 +175,7 @@ class ClientSide:
         before, host = torch.get_rng_state(), _host_rng_state()
         tape = RngTape()
         with tape:
-            module = self._module(weights)
+            module = self._module(weights, key)
         after = torch.get_rng_state()
         torch.set_rng_state(before)
         tape.replay()
@@ -212,8 +212,9 @@ class ClientSide:
     def fit(self, start: Weights, train: ClientData, epochs: int, seed: int,
             hooks: ClientHooks | None = None, work: float = 1.0,
             flip: bool = False, private: bool = False) -> tuple[Weights, int]:
-        """Train from ``start`` on ``train.train_idx`` for ``epochs`` (a fresh Trainer and
-        optimiser; the module is ``train.name``'s kept one under ``federated.reuse_clients``).
+        """Train from ``start`` on ``train``'s training data for ``epochs`` (a fresh Trainer
+        and optimiser; the module is ``train.name``'s kept one under
+        ``federated.reuse_clients``; data and Trainer settings are the task's).
 
         ``hooks``: the rule's loss terms and gradient hooks, installed on the module (FedProx's
         term, SCAFFOLD's correction); a straggler stops after ``work`` of its optimiser steps;
@@ -226,17 +227,13 @@ class ClientSide:
         module.grad_hooks = list(hooks.grad_hooks) if hooks is not None else []
         if self.client_opt is not None:  # the baselines train with it too: same optimiser
             module.set_optimizer(**self.client_opt)
-        trainer_kwargs = OmegaConf.to_container(self.cfg.trainer, resolve=True)
-        trainer_kwargs["max_epochs"] = int(epochs)
-        if work < 1.0:
-            batches = math.ceil(len(train.train_idx) / int(self.cfg.data.batch_size))
-            trainer_kwargs["max_steps"] = max(1, int(work * epochs * batches))
+        trainer_kwargs = self.task.trainer_kwargs(self, train, epochs, work)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             trainer = L.Trainer(logger=False, enable_progress_bar=False,
                                 enable_model_summary=False, enable_checkpointing=False,
                                 limit_val_batches=0, **trainer_kwargs)
-            dm = self._datamodule(train, train.test_idx, seed, module, flip)
+            dm = self.task.make_datamodule(self, train, module, seed, flip)
             if private and self.dp:
                 from mer.privacy.dp import make_private
 
@@ -256,15 +253,15 @@ class ClientSide:
         state = self.state[client.name]
         start = self._for_client(state.personal or self.global_weights, client.name)
         seed = self.seed * 100_003 + rnd * 101 + k
-        databases = set(self.samples.meta["database"].to_numpy()[client.train_idx])
-        hooks = self.strategy.client_hooks(state, start, anchor, databases)
+        hooks = self.strategy.client_hooks(state, start, anchor, self.task.databases(client))
         work = self.faults.work(rnd, k)
         t0 = time.perf_counter()
         weights, steps = self.fit(start, client, int(self.fed.local_epochs), seed, hooks,
                                   work, self.faults.flips_labels(client.name), private=True)
         seconds = time.perf_counter() - t0
         state.last = weights
-        update = ClientUpdate(client.name, weights, len(client.train_idx), steps, seconds, work)
+        update = ClientUpdate(client.name, weights, self.task.num_examples(client), steps,
+                              seconds, work)
         if hooks.finish is not None:
             hooks.finish(update, start)
         update.weights = self.faults.tamper(client.name, rnd, k, weights, self.global_weights)

@@ -1,6 +1,9 @@
 """Scoring a federated run: per-client and pooled test figures of each model kind (in the
 clear, or from securely summed confusion matrices), and the pooled / local-only baselines.
 
+What is scored is the run's task's (:meth:`mer.federated.task.Task.evaluate`); recognition's
+scoring (UF1/UAR of argmax predictions) is :meth:`Evaluation.score_recognition`.
+
 :class:`Evaluation` is a part of :class:`mer.federated.loop.FederatedRun`.
 """
 
@@ -22,14 +25,17 @@ class Evaluation:
     """Evaluation and baselines of a federated run (a part of ``FederatedRun``)."""
 
     def evaluate(self, models: dict | None = None, with_predictions: bool = False) -> dict:
-        """Per-client and pooled test metrics of each model kind.
+        """Per-client and pooled test figures of each model kind, as the run's task scores
+        them. ``models`` maps a kind to ``client -> weights``; by default the global model
+        (with the client's own BN entries under FedBN) and each client's personalised
+        model."""
+        return self.task.evaluate(self, models or self.default_models(), with_predictions)
 
-        ``models`` maps a kind to ``client -> weights``; by default the global model (with the
-        client's own BN entries under FedBN) and each client's personalised model. Clients
-        without test samples are left out. ``with_predictions`` adds ``predictions``:
-        ``{"index": sample positions, "pred": {kind: predicted classes}}``.
+    def score_recognition(self, models: dict, with_predictions: bool = False) -> dict:
+        """Recognition's per-client and pooled test metrics (UF1, UAR, accuracy) of each
+        model kind. Clients without test samples are left out. ``with_predictions`` adds
+        ``predictions``: ``{"index": sample positions, "pred": {kind: predicted classes}}``.
         """
-        models = models or self.default_models()
         if self.secure is not None:  # labs send confusion matrices, summed securely
             mats = {c.name: self.lab_confusions(c, models) for c in self.clients}
             return self.secure_results(list(models), lambda: self.secure.sum_vectors(

@@ -16,6 +16,11 @@ the global and with its personalised model, and the figures pooled over clients.
 round the whole state is checkpointed, so ``resume=true`` continues an interrupted run to the
 same end state.
 
+What a client's data is, how its module is built and trained and how it is scored is the
+run's ``task`` (:mod:`.task`): recognition of clips by default, a learned spotter over long
+videos with :class:`mer.spotting.federated.SpotTask`; rules, privacy, faults and checkpoints
+are the same for both.
+
 Samples never leave their client: the server only sees weights (and, for DPK-GAT's data
 prior, AU co-occurrence counts). Under secure aggregation (``privacy=secagg | ckks``) it sees
 neither a lab's weights, nor its example count, AU counts or test results: each goes inside a
@@ -34,7 +39,6 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mer.data.samples import FlowSamples
-from mer.engine.build import build_module
 from mer.federated import aggregators
 from mer.federated.checkpoint import Checkpointing
 from mer.federated.client import (  # noqa: F401  (re-exported: tests, experiments)
@@ -47,13 +51,13 @@ from mer.federated.client import (  # noqa: F401  (re-exported: tests, experimen
 from mer.federated.client_optim import client_optimizer
 from mer.federated.evaluation import Evaluation
 from mer.federated.faults import FaultPlan
-from mer.federated.fidelity import federated_model_cfg
 from mer.federated.fidelity import from_config as fidelity_from_config
-from mer.federated.partition import ClientData, check_partition
+from mer.federated.partition import ClientData
 from mer.federated.private import PrivacySide
 from mer.federated.rules import RULES, Layout, Rule
 from mer.federated.server_opt import ServerOptimizer, create_server_optimizer
 from mer.federated.state import ClientState, ClientUpdate, Weights  # noqa: F401
+from mer.federated.task import Task
 from mer.federated.workers import WorkerPool
 from mer.privacy.base import TooFewContributors, require_contributors
 
@@ -68,31 +72,30 @@ def make_server_optimizer(cfg: DictConfig) -> ServerOptimizer:
 
 class FederatedRun(ClientSide, PrivacySide, WorkerPool, Evaluation, Checkpointing):
     """State and steps of one federated experiment over in-process clients; ``strategy`` is
-    the rule (:mod:`mer.federated.rules`), which does everything rule-specific."""
+    the rule (:mod:`mer.federated.rules`), which does everything rule-specific; ``task``
+    (:class:`~mer.federated.task.Task`, default recognition of ``samples``) everything that
+    knows what the clients' data is."""
 
-    def __init__(self, cfg: DictConfig, samples: FlowSamples, clients: list[ClientData],
-                 checkpoint_dir: Path | None = None) -> None:
-        check_partition(samples, clients)
+    def __init__(self, cfg: DictConfig, samples: FlowSamples | None, clients: list[ClientData],
+                 checkpoint_dir: Path | None = None, task: Task | None = None) -> None:
         self.cfg, self.fed, self.samples, self.clients = cfg, cfg.federated, samples, clients
+        self.task = task or Task(samples)
+        self.task.check(self)
         self.rule = str(self.fed.rule.name)
         if self.rule not in RULES:
             raise ValueError(f"unknown federated.rule.name '{self.rule}': {RULES.names()}")
         rule_class = RULES.get(self.rule)
         # fidelity=official: FED-PsyAU as its authors' code runs it (federated/fidelity.py)
         self.fidelity = fidelity_from_config(cfg)
-        self.model_cfg = federated_model_cfg(OmegaConf.to_container(cfg.model, resolve=True),
-                                             self.fidelity.fidelity)
+        self.model_cfg = self.task.model_config(cfg, self.fidelity)
         self.client_opt = client_optimizer(self.fed, self.model_cfg)  # SCAFFOLD: plain SGD
         self.seed = int(cfg.seed)
         self.faults = FaultPlan(self.fed.get("faults"), self.seed, [c.name for c in clients])
         self.strategy: Rule = rule_class(self.fed, Layout([], frozenset(), []), self.fidelity,
                                          self.client_opt, len(clients))
         self._setup_privacy(cfg.get("privacy"))
-        # The server sums the clients' AU co-occurrence counts: the prior of all training splits.
-        train_all = np.concatenate([c.train_idx for c in clients])
         L.seed_everything(self.seed, verbose=False)
-        template = self._fixed(build_module(self.model_cfg, samples, train_all,
-                                            self.au_counts()))
+        template = self.task.build_module(self, "template")
         self.global_weights = get_weights(template)
         self.initial_weights = [w.copy() for w in self.global_weights]
         names = list(template.net.state_dict())
@@ -241,20 +244,23 @@ class FederatedRun(ClientSide, PrivacySide, WorkerPool, Evaluation, Checkpointin
                 progress.advance(task)
 
 
-def run_federated(cfg: DictConfig, samples: FlowSamples, clients: list[ClientData],
+def run_federated(cfg: DictConfig, samples: FlowSamples | None, clients: list[ClientData],
                   checkpoint_dir: Path | None = None, show_progress: bool = True,
-                  make_run: Callable[..., FederatedRun] | None = None) -> dict:
-    """All rounds (resumed from ``checkpoint_dir`` with ``resume=true``), then the baselines.
+                  make_run: Callable[..., FederatedRun] | None = None,
+                  task: Task | None = None) -> dict:
+    """All rounds (resumed from ``checkpoint_dir`` with ``resume=true``), then the baselines
+    and the task's post-training statistics (``statistics``).
 
     Returns curves, final per-client/pooled metrics, round statistics and fault counts.
     ``make_run`` builds the run in place of ``FederatedRun`` (same arguments), e.g. the
-    Flower ServerApp's ``FlowerRun``.
+    Flower ServerApp's ``FlowerRun``; ``task``: what is trained (default recognition).
     """
     from rich.progress import Progress
 
     for name in ("lightning", "lightning.pytorch"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    run = (make_run or FederatedRun)(cfg, samples, clients, checkpoint_dir)
+    run = (make_run or FederatedRun)(cfg, samples, clients, checkpoint_dir,
+                                     **({"task": task} if task is not None else {}))
     resumed_from = run.round_done if cfg.get("resume") and run.try_resume() else 0
     try:
         with Progress(disable=not show_progress) as progress:
@@ -268,11 +274,12 @@ def run_federated(cfg: DictConfig, samples: FlowSamples, clients: list[ClientDat
         baselines = run.baselines(int(epochs))
     stats = run.stats
     final = run.curves[-1]
-    predictions = final.pop("predictions")
+    predictions = final.pop("predictions", None)
     if baselines:
         predictions["pred"].update(baselines.pop("predictions")["pred"])
     return {"predictions": predictions,
-        "baselines": baselines, "clients": client_summary(samples, clients),
+        "baselines": baselines, "clients": run.task.summary(clients),
+        **({"statistics": post} if (post := run.task.statistics(run)) else {}),
         "final": final, "curves": run.curves, "rounds": stats,
         "resumed_after_round": resumed_from or None,
         "excluded_updates": run.excluded, "client_failures": run.failures,

@@ -81,8 +81,6 @@ RULES: tuple[Rule, ...] = (
     Rule("spot.timelines", Bool()),
     Rule("spot.max_timelines", Int(0, null=True)),
     Rule("spot.threads", Int(1, null=True), "torch threads; null: torch's default"),
-    Rule("fed_spot.rounds", POS_INT),
-    Rule("fed_spot.local_epochs", POS_INT),
     Rule("fed_spot.test_fraction", Prob(open_lo=True, open_hi=True, eg=0.3)),
     Rule("fed_spot.baselines", Bool()),
     Rule("strs.spotter", Text()),

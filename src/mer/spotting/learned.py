@@ -68,10 +68,16 @@ class LearnedSpotter(Spotter):
         net.register_buffer("feature_scale", torch.as_tensor(scale))
         self.module = self.make_module(net)
 
-    def training_set(self, videos: list[SpotVideo]) -> WindowSet:
+    def training_windows(self, videos: list[SpotVideo]
+                         ) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        """The targets (T, 2) of ``videos`` and the (video, start) of every training window
+        (seeded: the same windows every epoch and round)."""
         targets = [gaussian_targets(v, TYPES, self.target_width) for v in videos]
         rng = np.random.default_rng(self.seed)
-        starts = training_starts(targets, self.window, self.neg_ratio, rng)
+        return targets, training_starts(targets, self.window, self.neg_ratio, rng)
+
+    def training_set(self, videos: list[SpotVideo]) -> WindowSet:
+        targets, starts = self.training_windows(videos)
         return WindowSet([self.inputs(v) for v in videos], targets, self.window, starts,
                          extra=[self.extra(v) for v in videos])
 

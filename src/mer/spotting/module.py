@@ -96,7 +96,12 @@ def training_starts(targets: list[np.ndarray], window: int, neg_ratio: float,
 
 class SpotModule(L.LightningModule):
     """Per-position score regression: weighted MSE between scores and targets (positions
-    near a ground truth weigh ``1 + pos_weight * y``), padding masked out."""
+    near a ground truth weigh ``1 + pos_weight * y``), padding masked out.
+
+    The engine's neutral training hooks (as :class:`mer.engine.module.MERModule`), installed
+    by whoever trains it (a federated lab: FedProx's term, SCAFFOLD's correction):
+    :attr:`loss_terms` (``net -> 0-dim tensor`` added to the loss), :attr:`grad_hooks`
+    (``net -> None`` before each optimiser step) and :meth:`set_optimizer`."""
 
     def __init__(self, net: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
                  optimizer: str = "adam", pos_weight: float = 4.0) -> None:
@@ -104,6 +109,22 @@ class SpotModule(L.LightningModule):
         self.net = net
         self.lr, self.weight_decay, self.optimizer_name = lr, weight_decay, optimizer
         self.pos_weight = pos_weight
+        self.momentum: float | None = None
+        self.loss_terms: list = []
+        self.grad_hooks: list = []
+
+    def set_optimizer(self, name: str, lr: float | None = None,
+                      momentum: float | None = None) -> None:
+        """Train with optimiser ``name`` (adam, adamw, sgd) instead of the configured one
+        (``lr`` None: the module's; ``momentum``: sgd's, None: 0.9)."""
+        self.optimizer_name = name
+        if lr is not None:
+            self.lr = float(lr)
+        self.momentum = None if momentum is None else float(momentum)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for hook in self.grad_hooks:
+            hook(self.net)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.net(batch)
@@ -123,25 +144,37 @@ class SpotModule(L.LightningModule):
         loss = self.compute_loss(batch)
         self.log("train_loss", loss, on_step=False, on_epoch=True,
                  batch_size=len(batch["mask"]))
+        for term in self.loss_terms:
+            loss = loss + term(self.net)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.parameters(), self.optimizer_name, self.lr, self.weight_decay)
+        return make_optimizer(self.parameters(), self.optimizer_name, self.lr, self.weight_decay,
+                              self.momentum)
+
+
+# the Trainer settings of a spotter's training (with logger, checkpointing, progress off)
+TRAINER = {"accelerator": "cpu", "devices": 1, "num_sanity_val_steps": 0,
+           "log_every_n_steps": 1}
+
+
+def seeded_loader(data: Dataset, batch_size: int, seed: int) -> DataLoader:
+    """Seed every generator with ``seed`` and return the shuffled training loader: training
+    from here on is a function of (module, data, seed) alone."""
+    L.seed_everything(seed, workers=False, verbose=False)
+    return DataLoader(data, batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def fit_module(module: L.LightningModule, data: Dataset, epochs: int, batch_size: int,
                seed: int) -> dict:
     """Train ``module`` on ``data`` for ``epochs`` with a fresh CPU Trainer; the last loss."""
-    L.seed_everything(seed, workers=False, verbose=False)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = seeded_loader(data, batch_size, seed)
     quiet = logging.getLogger("lightning.pytorch")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # no "GPU available" lines per fold and client
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0,
-                        log_every_n_steps=1)
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, **TRAINER)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
