@@ -397,8 +397,10 @@ class FlowerRun(FederatedRun):
         personal = self.state[name].personal
         if personal is not None and not isinstance(personal, KeptOnNode):
             content["personal"] = _arrays(personal)
-        if self.rule == "scaffold":
-            content["server_control"] = _arrays(self.server_control)
+        extra = self.strategy.round_content()  # the rule's server state (Rule.round_content)
+        for key, weights in extra.items():
+            content[key] = _arrays(weights)
+        if "server_control" in extra:  # SCAFFOLD: the last round whose control was accepted
             content["config"]["control-round"] = int(
                 self.state[name].flags.get("control_round", 0))
         return content
