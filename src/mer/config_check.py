@@ -384,6 +384,7 @@ from mer.spotting.checks import RULES as _SPOTTING_RULES  # noqa: E402 (needs th
 
 RULES = RULES + _SPOTTING_RULES + _STICKER_RULES
 from mer.data.generate.checks import RULES as _GENERATE_RULES  # noqa: E402
+from mer.data.generate.checks import augment_problems  # noqa: E402
 
 RULES = RULES + _GENERATE_RULES
 
@@ -790,6 +791,7 @@ def _cross_audit(tree: dict) -> list[str]:
 
 CROSS: tuple[Callable[[dict], list[str]], ...] = (
     _cross_data, _cross_model, _cross_protocol, _cross_privacy, _cross_audit,
+    augment_problems,
 )
 
 

@@ -107,17 +107,21 @@ def loso_folds(samples: FlowSamples, val_subjects: float = 0.0, seed: int = 0) -
     return folds
 
 
-def augment_folds(samples: FlowSamples, folds: list[Fold], augmenter=None
-                  ) -> tuple[FlowSamples, list[Fold]]:
+def augment_folds(samples: FlowSamples, folds: list, augmenter=None) -> tuple[FlowSamples, list]:
     """The neutral hook for training-set augmentation: ``augmenter(samples, folds)`` returns
     samples with rows appended and folds whose training positions include some of them (e.g.
     ``mer.data.generate.augment``); None leaves both as they are.
 
+    A fold is a :class:`Fold` or any split with ``name``, ``train_idx`` and ``test_idx`` (and
+    maybe ``val_idx``): a federated lab's own train/test split is one, so each lab's added
+    samples come from that lab's training subjects only.
+
     Checked here, whatever the augmenter: the original rows are kept in place; test and
     validation positions are unchanged (nothing added is ever evaluated or used to select);
-    every added row is marked ``generated`` in the meta, and no subject in its
+    every added row is marked ``generated`` in the meta, and every subject in its
     ``from_subjects`` (``;``-joined subject keys whose faces or motion it was made from) is a
-    test or validation subject of a fold that trains on it.
+    training subject of each fold that trains on it: never a test or validation subject, nor
+    one outside the fold (another lab's).
 
     Raises:
         ProtocolError: naming the fold and the row that break one of these.
@@ -136,22 +140,28 @@ def augment_folds(samples: FlowSamples, folds: list[Fold], augmenter=None
         raise ProtocolError("augmentation: every added sample must be marked generated=True "
                             "and no original one")
     used = out.meta["from_subjects"].to_numpy() if "from_subjects" in out.meta else None
+    none = np.zeros(0, np.int64)
     for old, new in zip(folds, new_folds, strict=True):
         for side in ("test_idx", "val_idx"):
-            if not np.array_equal(getattr(old, side), getattr(new, side)):
+            if not np.array_equal(getattr(old, side, none), getattr(new, side, none)):
                 raise ProtocolError(f"fold '{old.name}': augmentation changed its {side[:-4]} "
                                     "split; generated samples may join training only")
         added = np.setdiff1d(new.train_idx, old.train_idx)
         if (added < n).any():
             raise ProtocolError(f"fold '{old.name}': augmentation added original samples")
-        held_out = set(keys[np.concatenate([old.test_idx, old.val_idx])])
+        held_out = set(keys[np.concatenate([old.test_idx, getattr(old, "val_idx", none)])])
+        training = set(keys[old.train_idx])
         for i in added:
-            leaked = held_out & set(str(used[i]).split(";")) if used is not None else set()
-            if keys[i] in held_out or leaked:
-                raise ProtocolError(
-                    f"fold '{old.name}': generated sample {out.meta['clip'].iloc[i]} was made "
-                    f"from held-out subject(s) {sorted(leaked | ({keys[i]} & held_out))}")
-        check_split(out, new)
+            made_from = {keys[i]} | (set(str(used[i]).split(";")) - {""}
+                                     if used is not None else set())
+            if made_from - training:
+                leaked = made_from & held_out
+                what = f"held-out subject(s) {sorted(leaked)}" if leaked else \
+                    f"subject(s) {sorted(made_from - training)} outside its training subjects"
+                raise ProtocolError(f"fold '{old.name}': generated sample "
+                                    f"{out.meta['clip'].iloc[i]} was made from {what}")
+        if isinstance(new, Fold):
+            check_split(out, new)
     return out, new_folds
 
 

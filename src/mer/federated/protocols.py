@@ -15,7 +15,8 @@
   SIGTERM or Ctrl-C stops the workers at once (finished folds stay saved).
 
 Both keep subjects on one side of every split; nothing is selected on test data (the model
-of the last round is the one scored).
+of the last round is the one scored). With ``data.augment.generate=K`` each lab's training
+split (of every repeat or fold) is augmented inside the lab (:func:`augment_labs`).
 """
 
 from __future__ import annotations
@@ -24,15 +25,17 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mer.data.generate.augment import fold_augmenter, generated_summary
 from mer.data.io import CorruptFileError, atomic_save, checked_load
 from mer.data.samples import FlowSamples
 from mer.engine.metrics import recognition_metrics
-from mer.engine.protocols import loso_folds, resolve_workers
+from mer.engine.protocols import augment_folds, loso_folds, resolve_workers
 from mer.federated.loop import client_summary, make_clients, run_federated
 from mer.federated.partition import ClientData
 
@@ -57,19 +60,56 @@ def _pooled_kinds(result: dict) -> dict[str, dict]:
     return kinds
 
 
+def augment_labs(cfg: DictConfig, samples: FlowSamples, groups: list[list[ClientData]],
+                 names: list[str], run_dir: Path | None = None
+                 ) -> tuple[FlowSamples, list[list[ClientData]], dict | None]:
+    """``data.augment.generate=K`` inside each lab: K driven sequences per training clip of a
+    lab's own split, its sources and drivers drawn from that lab's training subjects only (no
+    clip of another lab, no test subject), added to that lab's training split only; through
+    the engine's neutral hook, which checks exactly that (:func:`augment_folds`).
+
+    ``groups``: the clients of each federation the protocol runs (``names``: one per group, a
+    seed or a LOSO fold), augmented in one call: a sequence two of them share is made once.
+    Returns the samples with the generated rows, the groups with them in their training
+    splits, and the report's summary (``generated.csv`` written in ``run_dir``), or the inputs
+    and None when ``data.augment.generate`` is 0.
+    """
+    augmenter = fold_augmenter(cfg.data, cfg.paths.cache_dir, int(cfg.seed),
+                               progress=bool(cfg.get("progress", True)))
+    if augmenter is None:
+        return samples, groups, None
+    flat = [c for g in groups for c in g]
+    samples, new_flat = augment_folds(samples, flat, augmenter)
+    out, i = [], 0
+    for g in groups:
+        out.append(new_flat[i:i + len(g)])
+        i += len(g)
+    tagged = [replace(c, name=f"{name}:{c.name}" if len(groups) > 1 else c.name)
+              for name, g in zip(names, out, strict=True) for c in g]
+    csv = None if run_dir is None else Path(run_dir) / "generated.csv"
+    if csv is not None:
+        csv.parent.mkdir(parents=True, exist_ok=True)
+    return samples, out, {**generated_summary(samples, tagged, csv), "within": "each lab"}
+
+
 def run_holdout(cfg: DictConfig, samples: FlowSamples, run_dir: Path,
                 show_progress: bool = True) -> dict:
     """Per-client subject-disjoint train/test, repeated over ``protocol.repeats`` seeds."""
     repeats = int((cfg.federated.get("protocol") or {}).get("repeats", 1))
+    seeds = [int(cfg.seed) + r for r in range(repeats)]
+    cfgs = [_with_seed(cfg, seed) if r else cfg for r, seed in enumerate(seeds)]
+    groups = [make_clients(cfg_r, samples) for cfg_r in cfgs]
+    # data.augment.generate=K: each lab's training split augmented inside the lab
+    samples, groups, generated = augment_labs(cfg, samples, groups,
+                                              [f"seed{seed}" for seed in seeds], run_dir)
     runs = []
-    for r in range(repeats):
-        seed = int(cfg.seed) + r
-        cfg_r = _with_seed(cfg, seed) if r else cfg
-        clients = make_clients(cfg_r, samples)
+    for seed, cfg_r, clients in zip(seeds, cfgs, groups, strict=True):
         runs.append(run_federated(cfg_r, samples, clients, run_dir / "checkpoints" / f"seed{seed}",
                                   show_progress))
     result = runs[0]
     result["protocol"] = {"kind": "holdout", "repeats": repeats}
+    if generated is not None:
+        result["generated"] = generated
     if repeats > 1:
         per_seed = [_pooled_kinds(run) for run in runs]
         summary = {}
@@ -234,6 +274,10 @@ def run_loso(cfg: DictConfig, samples: FlowSamples, run_dir: Path,
     """Federated LOSO: one full federated run per held-out subject, predictions pooled."""
     clients = make_clients(cfg, samples)
     folds = client_loso_folds(samples, clients)
+    # data.augment.generate=K: each lab's training split of each fold augmented inside the lab
+    samples, groups, generated = augment_labs(cfg, samples, [fc for _, fc in folds],
+                                              [subject for subject, _ in folds], run_dir)
+    folds = [(subject, fc) for (subject, _), fc in zip(folds, groups, strict=True)]
     names = samples.class_names
     outcomes = _run_folds(cfg, samples, Path(run_dir), folds, show_progress)
     per_fold, preds, idx, summed = {}, {}, [], {}
@@ -257,7 +301,8 @@ def run_loso(cfg: DictConfig, samples: FlowSamples, run_dir: Path,
             "clients": client_summary(samples, clients),
             "final": {f"pooled_{k}": v for k, v in pooled.items()},
             "per_fold": per_fold,
-            "predictions": {"index": idx, "pred": preds}}
+            "predictions": {"index": idx, "pred": preds},
+            **({"generated": generated} if generated is not None else {})}
 
 
 def run_federated_protocol(cfg: DictConfig, samples: FlowSamples, run_dir: Path,

@@ -42,6 +42,7 @@ def write_federated_results(cfg: DictConfig, samples: FlowSamples, fed: dict, ti
     """results.json, the CSV tables and the W&B run of a finished federated run (in-process
     or over ``transport``); ``fed`` still holds its ``predictions``. Returns the results."""
     predictions = fed.pop("predictions")
+    generated = fed.pop("generated", None)  # data.augment.generate: made inside each lab
     results = {
         "name": cfg.name, "synthetic": samples.synthetic, "federated": fed,
         "data": {**samples.provenance, "synthetic": samples.synthetic,
@@ -51,6 +52,8 @@ def write_federated_results(cfg: DictConfig, samples: FlowSamples, fed: dict, ti
         "environment": {"python": platform.python_version(), "machine": platform.machine()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    if generated is not None:  # generated.csv: each one, its source, drivers, labs
+        results["generated"] = generated
     text = json.dumps(results, indent=2, default=str)  # fails before anything is written
     federated_tables(samples, fed, predictions, run_dir)
     atomic_write_text(run_dir / "results.json", text)
@@ -59,13 +62,15 @@ def write_federated_results(cfg: DictConfig, samples: FlowSamples, fed: dict, ti
 
 
 def federated_tables(samples: FlowSamples, fed: dict, predictions: dict, run_dir: Path) -> None:
-    """predictions.csv (one row per test clip, one column per model kind), curves.csv and
-    rounds.csv."""
+    """predictions.csv (one row per test clip, one column per model kind; ``generated``: never
+    true, a generated clip is never tested), curves.csv and rounds.csv."""
     idx = predictions["index"]
     meta = samples.meta.iloc[idx]
     df = pd.DataFrame({"database": meta["database"].to_numpy(),
                        "subject": meta["subject"].to_numpy(), "clip": meta["clip"].to_numpy(),
-                       "label": meta["label"].to_numpy()})
+                       "label": meta["label"].to_numpy(),
+                       "generated": meta["generated"].to_numpy(bool) if "generated" in meta
+                       else False})
     for kind, pred in predictions["pred"].items():
         df[f"pred_{kind}"] = pred
     write_csv(df, run_dir / "predictions.csv")

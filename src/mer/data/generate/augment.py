@@ -13,8 +13,13 @@ For a training clip ``c`` (class y) and ``k < K``, the plan draws (from generato
 Validation and test subjects are skipped, so neither their faces nor their motion is used.
 Because the draws do not depend on the fold, most folds plan the same sequences, and each
 distinct one is rendered once (frames under ``<cache_dir>/generated``, content-keyed); its
-flow image is computed by the same preprocessing as the real clips
-(:func:`mer.data.preprocess.pipeline.flow_images`, same ``data.flow``, same flow cache).
+flow image is computed by the same preprocessing as the real clips (:func:`generated_flow`):
+the plain flow of whole frames (same ``data.flow``, same flow cache), or, when the data is
+``mer.prepare``'s aligned crops (``data.prepared``), that very pipeline: the face found on the
+generated onset frame (the source's own face), the same eye-level alignment, apex and
+magnification settings, flow on the crop. Generation itself runs on whole frames (the aligned
+landmarks are mapped back through each clip's alignment matrix), so a generated clip reaches the
+model by exactly the path a real one does.
 
 Generated rows carry ``generated=True``, ``source`` (the source clip), ``drivers`` (the driving
 clips, ``;``-joined), ``target`` and ``from_subjects`` (every subject whose face or motion was
@@ -53,7 +58,9 @@ def clip_ids(meta: pd.DataFrame) -> list[str]:
 
 def clips_of(samples: FlowSamples) -> dict[str, Clip]:
     """Every sample as a :class:`Clip` (frames from ``samples.input_source``; landmarks in
-    frame pixels from ``samples.landmarks`` when the frames are whole frames)."""
+    frame pixels from ``samples.landmarks``: from the flow image's frame to the whole frame,
+    or, for ``mer.prepare``'s aligned crops, to the crop then through the inverse of the
+    clip's alignment matrix)."""
     import cv2
 
     source = samples.input_source
@@ -61,16 +68,17 @@ def clips_of(samples: FlowSamples) -> dict[str, Clip]:
         raise GenerationError("data.augment.generate needs the clips' frames, but this data "
                               "holds flow images only (a flow cache); train on the database "
                               "itself (data=<database> data.root=...)")
-    if source.matrices is not None:
-        raise GenerationError("data.augment.generate works on whole (cropped) frames; this run "
-                              "uses mer.prepare's aligned crops (data.prepared). Run with "
-                              "data.prepared=false, or without data.augment.generate")
     ids = clip_ids(samples.meta)
     out: dict[str, Clip] = {}
     out_size = samples.x.shape[-1]
     for i, (cid, row) in enumerate(zip(ids, source.rows, strict=True)):
         lm = None
-        if samples.landmarks is not None:
+        if samples.landmarks is not None and source.matrices is not None:
+            crop = (samples.landmarks[i].astype(np.float64) + 0.5) * \
+                source.crop_size / out_size - 0.5
+            inv = cv2.invertAffineTransform(np.asarray(source.matrices[i], np.float64))
+            lm = crop @ inv[:, :2].T + inv[:, 2]
+        elif samples.landmarks is not None:
             img = cv2.imread(str(row["onset_path"]), cv2.IMREAD_UNCHANGED)
             if img is None:
                 raise GenerationError(f"clip {cid}: onset frame {row['onset_path']} cannot be "
@@ -113,17 +121,79 @@ def plan_fold(meta: pd.DataFrame, train_idx: np.ndarray, k_per_clip: int, driver
     return plan
 
 
+def generated_fps(clip: Clip, frames: int) -> float:
+    """Frame rate of a ``frames``-frame clip generated for ``clip``: its onset..offset lasts as
+    long in seconds as the target's (onset..apex mirrored when it has no offset), so that a
+    temporal filter (Eulerian magnification) sees the same motion speed."""
+    span = clip.offset - clip.onset if clip.offset > clip.apex else 2 * (clip.apex - clip.onset)
+    return float(clip.fps) * (frames - 1) / span if span > 0 else float(clip.fps)
+
+
+def generated_flow(samples: FlowSamples, table: pd.DataFrame, cache_dir: str | Path,
+                   default_flow: dict | None = None, workers: int = 0, progress: bool = True
+                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Flow images of generated clips by the path the samples' own flow took.
+
+    Args:
+        table: one row per generated clip: ``database, subject, clip, onset, apex, offset,
+            onset_path, apex_path, fps`` (whole frames, as :class:`DrivenGenerator` writes them).
+        default_flow: ``data.flow`` when the samples do not record theirs.
+
+    Returns:
+        x (G, 3, S, S) float32; landmarks (G, 68, 2) in x's pixels found by ``mer.prepare``'s
+        face detector (None without one: the caller knows them); matrices (G, 2, 3) frame ->
+        crop (None unless the samples are prepared).
+
+    Raises:
+        GenerationError: a generated clip the pipeline refuses (no face found on it...), naming
+            it and the clip it was made for.
+    """
+    from mer.data.preprocess.cache import FlowCache
+    from mer.data.preprocess.pipeline import FlowParams, PreprocessError, flow_images
+    from mer.data.preprocess.prepared import PrepareParams, prepare_table
+
+    source = samples.input_source
+    if source.matrices is None:
+        data_flow = source.flow or dict(default_flow or {})
+        fparams = FlowParams(**{k: v for k, v in data_flow.items()
+                                if k in ("method", "work_size", "out_size", "grey",
+                                         "method_params")})
+        cache = FlowCache(Path(cache_dir) / "flow") if cache_dir else None
+        x, kept, _ = flow_images(table, fparams, cache, workers=workers, on_error="raise",
+                                 progress=progress)
+        assert len(kept) == len(table)  # on_error=raise
+        return x, None, None
+    info = samples.provenance.get("prepare") or {}
+    settings = {k: v for k, v in (info.get("params") or {}).items() if k != "version"}
+    if not settings:
+        raise GenerationError("these samples are mer.prepare's aligned crops but do not record "
+                              "the pipeline's parameters (provenance.prepare.params), so "
+                              "generated clips cannot be prepared the same way; load them with "
+                              "mer.data.sources.load_samples")
+    params = PrepareParams(**settings)
+    cache = FlowCache(Path(info["cache"])) if info.get("cache") else None
+    try:
+        res = prepare_table(table, params, cache, workers=workers, on_error="raise",
+                            progress=progress)
+    except PreprocessError as exc:
+        raise GenerationError(
+            f"a generated clip cannot go through mer.prepare's pipeline as the real clips do: "
+            f"{exc}. Its onset frame is its source clip's face; leave that clip out (or lower "
+            "data.face.min_confidence)") from exc
+    lm = res.landmarks_at(params.out_size)
+    return res.x, (lm if np.isfinite(lm).all() else None), res.matrix
+
+
 def generate_for_folds(samples: FlowSamples, folds: list, k_per_clip: int,
                        params: GenerateParams, cache_dir: str | Path, seed: int,
                        workers: int = 0, progress: bool = True) -> tuple[FlowSamples, list]:
     """The samples with every fold's generated sequences appended, and the folds with those
     positions added to their training positions (``fold.train_idx``; test and validation
-    untouched). See the module doc."""
+    untouched). A "fold" is anything with ``train_idx`` (a LOSO fold, a federated lab's split:
+    its sequences then come from that lab's training clips only). See the module doc."""
     from dataclasses import replace
 
     from mer.data.inputs import InputSource
-    from mer.data.preprocess.cache import FlowCache
-    from mer.data.preprocess.pipeline import FlowParams, flow_images
 
     clips = clips_of(samples)
     meta = samples.meta
@@ -153,39 +223,40 @@ def generate_for_folds(samples: FlowSamples, folds: list, k_per_clip: int,
                 "subject_key": src_meta["subject_key"], "generated": True,
                 "source": ids[s], "drivers": ";".join(ids[d] for d in drv),
                 "target": ids[t], "from_subjects": ";".join(used),
-                "onset_path": rec["onset_path"], "apex_path": rec["apex_path"],
             })
             records.append({"database": src_meta["database"], "subject": src_meta["subject"],
                             "clip": rows[-1]["clip"], "onset": rec["onset"],
                             "apex": rec["apex"], "offset": rec["offset"],
-                            "onset_path": rec["onset_path"], "fps": clips[ids[t]].fps})
+                            "onset_path": rec["onset_path"],
+                            "fps": generated_fps(clips[ids[t]], params.frames)})
+            rows[-1]["apex_path"] = rec["apex_path"]
             bar.advance(job)
     table = pd.DataFrame(rows)
-    data_flow = samples.input_source.flow or dict(params.flow)
-    fparams = FlowParams(**{k: v for k, v in data_flow.items()
-                            if k in ("method", "work_size", "out_size", "grey",
-                                     "method_params")})
-    cache = FlowCache(Path(cache_dir) / "flow") if cache_dir else None
-    x_gen, kept, failures = flow_images(table, fparams, cache, workers=workers,
-                                        on_error="raise", progress=progress)
-    assert len(kept) == len(table) and not failures  # on_error=raise
+    flow_table = pd.DataFrame(records).assign(apex_path=table["apex_path"].to_numpy())
+    x_gen, found, matrices = generated_flow(samples, flow_table, cache_dir, dict(params.flow),
+                                            workers, progress)
     real = meta.copy()
     for col, value in zip(GENERATED_COLUMNS, (False, "", "", "", "")):
         if col not in real:
             real[col] = value
-    gen_meta = table.drop(columns=["onset_path", "apex_path"])
-    new_meta = pd.concat([real, gen_meta[[c for c in gen_meta.columns]]], ignore_index=True)
+    gen_meta = table.drop(columns=["apex_path"])
+    new_meta = pd.concat([real, gen_meta], ignore_index=True)
     landmarks = None
-    if samples.landmarks is not None:
+    if samples.landmarks is not None:  # the onset is the source's face: its landmarks
         src_pos = [s for (_, s, _) in unique]
-        landmarks = np.concatenate([samples.landmarks, samples.landmarks[src_pos]])
+        landmarks = np.concatenate([samples.landmarks, samples.landmarks[src_pos]
+                                    if found is None else found.astype(np.float32)])
     n = len(meta)
-    source = InputSource(**{**samples.input_source.__dict__,
-                            "rows": list(samples.input_source.rows) + records})
+    old = samples.input_source
+    source = InputSource(**{**old.__dict__, "rows": list(old.rows) + records,
+                            "matrices": None if old.matrices is None else
+                            np.concatenate([old.matrices, matrices])})
     out = FlowSamples(np.concatenate([samples.x, x_gen]), new_meta, samples.class_names,
                       samples.excluded, samples.synthetic,
                       {**samples.provenance, "generated": {
                           "per_clip": k_per_clip, "sequences": len(unique),
+                          "flow_path": "mer.prepare (aligned crops)" if matrices is not None
+                          else "flow of whole frames",
                           "params": {"drivers": params.drivers, "phases": params.phases,
                                      "frames": params.frames, "fusion": params.fusion}}},
                       landmarks, {}, source, samples.pretrain)

@@ -37,3 +37,47 @@ RULES: tuple[Rule, ...] = _DATA + tuple(  # a data config elsewhere (a pretraini
     Rule("deidentify.identity.radius", POS_INT, "LBPH radius"),
     Rule("deidentify.margin", Num(lo=0, eg=0.1), "allowed UF1 drop on de-identified clips"),
 )
+
+# Runs that load data but never call the augmentation hook (mer.run's dispatch order): there
+# data.augment.generate would be ignored, so it is refused before any work.
+_NOT_AUGMENTED = (
+    ("dp_curve", "+experiment=dp_curve"), ("fed_spot", "+experiment=fed_spot"),
+    ("spotters", "spotting"), ("spotting", "spotting"),
+    ("sticker_audit", "+experiment=sticker_audit"),
+    ("generate_augment", "+experiment=generate_augment"),
+    ("deidentify", "+experiment=deidentify"), ("audit", "the privacy audit"),
+)
+
+
+def augment_problems(tree: dict) -> list[str]:
+    """``data.augment.generate=K`` (K > 0) where it would be silently ignored: only recognition
+    protocols (loso, cross_db, lodo) and federated runs (``federated.protocol`` holdout or
+    loso, each lab augmenting its own training split) generate sequences."""
+    k = ((tree.get("data") or {}).get("augment") or {}).get("generate")
+    if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+        return []
+    for key, what in _NOT_AUGMENTED:
+        if tree.get(key):
+            fix = ("set generate_augment.generate=K (its augmented arm) and leave "
+                   "data.augment.generate out") if key == "generate_augment" else (
+                "remove data.augment.generate (or run a recognition protocol or a federated "
+                "run with it)")
+            return [f"data.augment.generate={k}: {what} does not add generated sequences (only "
+                    "recognition protocols loso/cross_db/lodo and federated runs do), so it "
+                    f"would be ignored; {fix}"]
+    return []
+
+
+def refuse_for_flower(cfg) -> None:
+    """ConfigError for ``data.augment.generate`` > 0 in the Flower apps: a SuperNode does not
+    augment its lab's training split yet (the in-process run, ``python -m mer.run``, does)."""
+    from mer.config_rules import ConfigError
+
+    aug = (cfg.get("data") or {}).get("augment") or {}
+    k = aug.get("generate") if hasattr(aug, "get") else None
+    if isinstance(k, int) and not isinstance(k, bool) and k > 0:
+        raise ConfigError([
+            f"data.augment.generate={k}: the Flower apps (SuperNodes) do not augment a lab's "
+            "training clips, so it would be ignored; run the federation in-process with "
+            "`python -m mer.run ... data.augment.generate=K` (each lab augmented inside "
+            "itself), or drop data.augment.generate"])

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from mer.data.generate.augment import clip_ids, clips_of
+from mer.data.generate.augment import clip_ids, clips_of, generated_flow, generated_fps
 from mer.data.generate.errors import GenerationError
 from mer.data.generate.generator import DrivenGenerator, GenerateParams
 from mer.data.generate.motion import Clip, face_landmarks
@@ -71,8 +71,15 @@ def image_face(path: str | Path, detector=None) -> Face:
     if image is None:
         raise GenerationError(f"deidentify.face={path}: cannot read the image (missing or not "
                               "an image file)")
-    return Face(f"image:{Path(path).name}", image,
-                face_landmarks(image, f"face image {path}", detector))
+    try:
+        landmarks = face_landmarks(image, f"face image {path}", detector)
+    except GenerationError:
+        raise GenerationError(
+            f"deidentify.face={path}: no face found on this image ({image.shape[1]}x"
+            f"{image.shape[0]} px) by the face detector (MediaPipe Face Mesh), so it cannot be "
+            "the new face. Give a frontal photo of one person with the whole face visible, "
+            "evenly lit and at least ~100 px across (a passport-style portrait)") from None
+    return Face(f"image:{Path(path).name}", image, landmarks)
 
 
 def _fitted(face: Face, width: int, height: int, grey: bool, folder: Path) -> Clip:
@@ -108,8 +115,6 @@ def deidentify(samples: FlowSamples, faces: list[Face], params: GenerateParams,
     face) and ``drivers`` (the clip itself).
     """
     from mer.data.inputs import InputSource
-    from mer.data.preprocess.cache import FlowCache
-    from mer.data.preprocess.pipeline import FlowParams, flow_images
 
     clips = clips_of(samples)
     ids = clip_ids(samples.meta)
@@ -136,14 +141,12 @@ def deidentify(samples: FlowSamples, faces: list[Face], params: GenerateParams,
                          "clip": samples.meta["clip"].iloc[i], "onset_path": rec["onset_path"],
                          "apex_path": rec["apex_path"]})
             records.append({**rows[-1], "onset": rec["onset"], "apex": rec["apex"],
-                            "offset": rec["offset"], "fps": clips[cid].fps})
+                            "offset": rec["offset"], "fps": generated_fps(clips[cid],
+                                                                          params.frames)})
             bar.advance(job)
-    table = pd.DataFrame(rows)
-    flow = samples.input_source.flow or dict(params.flow)
-    fparams = FlowParams(**{k: v for k, v in flow.items()
-                            if k in ("method", "work_size", "out_size", "grey", "method_params")})
-    x, kept, _ = flow_images(table, fparams, FlowCache(Path(cache_dir) / "flow"),
-                             workers=workers, progress=progress)
+    # the originals' flow path: whole frames, or mer.prepare's pipeline (aligned crops)
+    x, found, matrices = generated_flow(samples, pd.DataFrame(records), cache_dir,
+                                        dict(params.flow), workers, progress)
     meta = samples.meta.copy()
     meta["generated"] = True
     meta["deidentified"] = True
@@ -151,11 +154,14 @@ def deidentify(samples: FlowSamples, faces: list[Face], params: GenerateParams,
     meta["drivers"] = ids
     meta["onset"], meta["apex"] = 1, (params.frames + 1) // 2
     landmarks = None
-    if samples.landmarks is not None:  # the new faces' landmarks in the flow image's frame
+    if found is not None:  # found by mer.prepare's detector on the new faces
+        landmarks = found.astype(np.float32)
+    elif samples.landmarks is not None:  # the new faces' landmarks in the flow image's frame
         out_size = samples.x.shape[-1]
         landmarks = np.stack([_flow_frame_landmarks(assigned[k], clips[c], out_size)
                               for k, c in zip(keys, ids, strict=True)]).astype(np.float32)
-    source = InputSource(**{**samples.input_source.__dict__, "rows": records})
+    source = InputSource(**{**samples.input_source.__dict__, "rows": records,
+                            "matrices": matrices})
     return FlowSamples(x, meta, samples.class_names, [], samples.synthetic,
                        {**samples.provenance, "deidentified": True}, landmarks, {}, source)
 

@@ -64,6 +64,9 @@ def compose_config(overrides: str | list[str], whole_federation: bool = True) ->
         raise ValueError(f"the Flower apps need a federated config; overrides {items} have "
                          "none (add e.g. federated=fedavg or +experiment=fed_psyau)")
     check_config(cfg, whole_federation)  # ConfigError: every bad value, before any data
+    from mer.data.generate.checks import refuse_for_flower
+
+    refuse_for_flower(cfg)  # a SuperNode does not augment its lab's split yet
     return cfg
 
 
