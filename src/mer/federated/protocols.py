@@ -74,8 +74,8 @@ def augment_labs(cfg: DictConfig, samples: FlowSamples, groups: list[list[Client
     splits, and the report's summary (``generated.csv`` written in ``run_dir``), or the inputs
     and None when ``data.augment.generate`` is 0.
     """
-    augmenter = fold_augmenter(cfg.data, cfg.paths.cache_dir, int(cfg.seed),
-                               progress=bool(cfg.get("progress", True)))
+    augmenter = fold_augmenter(cfg.data, OmegaConf.select(cfg, "paths.cache_dir"),
+                               int(cfg.seed), progress=bool(cfg.get("progress", True)))
     if augmenter is None:
         return samples, groups, None
     flat = [c for g in groups for c in g]
