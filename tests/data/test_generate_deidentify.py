@@ -84,10 +84,11 @@ def test_deidentify_onto_a_users_face_runs_end_to_end(face_png, tmp_path):
     report = json.loads((tmp_path / "deidentify.json").read_text())
     assert report["new_faces"] == ["image:my face.png"] and report["synthetic"] is True
     assert report["identity"]["test_clips"] > 0
-    assert {"original", "deidentified"} == set(report["recognition"])
+    assert ["original", "own_face", "deidentified"] == list(report["recognition"])
     assert "| de-identified |" in (tmp_path / "deidentify.md").read_text()
     pred = pd.read_csv(tmp_path / "predictions.csv")
-    assert pred["deidentified"].sum() == (~pred["deidentified"]).sum() > 0
+    assert pred["deidentified"].sum() == (pred["arm"] == "own_face").sum() == \
+        (pred["arm"] == "original").sum() > 0
     # the re-rendered clips show the user's face: each one's onset is that image, fitted
     made = [d.parent for d in (Path(cfg.paths.cache_dir) / "deidentified").glob("*/.done")
             if json.loads(d.read_text())["source"] == "face:image:my face.png"]

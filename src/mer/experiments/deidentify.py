@@ -4,19 +4,27 @@
 - **Kept (recognition)**: LOSO on the *original* clips (the lab's recogniser, trained as
   usual); each fold predicts its test subject's original clips and the same clips
   de-identified. UF1 / UAR of both, pooled over folds, and the drop.
+- **Control arm** (``deidentify.controls: [own_face]``): the same clips re-rendered on their
+  *own* faces by the same control points and TPS (identity kept). original -> own_face is what
+  the motion transfer loses; own_face -> deidentified is what the new face changes. The
+  recogniser is trained once, so an arm costs rendering and inference only.
+- **Density** (``deidentify.density``, default 1: the landmarks and triangle centroids): more
+  control points per landmark triangle for every arm; ``deidentify.compare_density: L`` adds
+  the own-face and de-identified arms at density L too (same trained recogniser).
 - **Removed (identity)**: an LBPH face recogniser (:mod:`mer.data.generate.identity`) trained
   on the onset and apex frames of part of each subject's original clips
   (``deidentify.identity.train_fraction``), asked who is on the apex frames of the other clips,
   original and de-identified. Chance is 1 / subjects.
 
 Outputs: ``deidentify.json``, ``deidentify.md``, ``predictions.csv`` (one row per tested clip,
-``generated``/``deidentified`` columns saying which version it is).
+``generated``/``deidentified``/``arm`` columns saying which version it is).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +35,22 @@ from mer.data.io import atomic_write_text
 from mer.data.samples import FlowSamples
 from mer.experiments.generate_augment import command_line
 
+CONTROLS = ("own_face",)
 
-def concat(a: FlowSamples, b: FlowSamples) -> FlowSamples:
-    """Rows of ``a`` then ``b`` (same classes), their frames' sources joined."""
+
+def concat(a: FlowSamples, *others: FlowSamples) -> FlowSamples:
+    """Rows of ``a`` (the originals, ``arm="original"``) then each of ``others`` (same
+    classes, re-rendered: their own ``arm``), their frames' sources joined."""
     from mer.data.inputs import InputSource
 
-    meta = pd.concat([a.meta.assign(generated=False, deidentified=False), b.meta],
-                     ignore_index=True)
-    lm = None if a.landmarks is None or b.landmarks is None else \
-        np.concatenate([a.landmarks, b.landmarks])
+    parts = [a, *others]
+    meta = pd.concat([a.meta.assign(generated=False, deidentified=False, arm="original"),
+                      *[b.meta for b in others]], ignore_index=True)
+    lm = None if any(b.landmarks is None for b in parts) else \
+        np.concatenate([b.landmarks for b in parts])
     src = InputSource(**{**a.input_source.__dict__,
-                         "rows": list(a.input_source.rows) + list(b.input_source.rows)})
-    return FlowSamples(np.concatenate([a.x, b.x]), meta, a.class_names, a.excluded,
+                         "rows": [r for b in parts for r in b.input_source.rows]})
+    return FlowSamples(np.concatenate([b.x for b in parts]), meta, a.class_names, a.excluded,
                        a.synthetic, a.provenance, lm, {}, src)
 
 
@@ -56,7 +68,7 @@ def identity_split(meta: pd.DataFrame, fraction: float) -> tuple[np.ndarray, np.
 
 def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
     """De-identify, measure recognition and identity, write the report; return it."""
-    from mer.data.generate.deidentify import deidentify, image_face, synme_faces
+    from mer.data.generate.deidentify import deidentify, image_face, own_face, synme_faces
     from mer.data.generate.errors import GenerationError
     from mer.data.generate.generator import GenerateParams
     from mer.data.generate.identity import IdentityClassifier, face_image
@@ -80,22 +92,44 @@ def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
                 "own subjects (data.preset, data.seed): de-identifying onto them changes "
                 "nothing. Set deidentify.identities.seed to another seed")
         faces = synme_faces(str(ids.preset), int(ids.seed), cache)
+    controls = list(dict.fromkeys(d.get("controls") or []))
+    unknown = [c for c in controls if c not in CONTROLS]
+    if unknown:
+        raise GenerationError(f"deidentify.controls={controls}: unknown arm(s) {unknown}; use "
+                              f"any of {list(CONTROLS)} (or [] for none)")
     flow = OmegaConf.to_container(cfg.data.flow, resolve=True)
-    params = GenerateParams(drivers=1, phases=int(d.phases), frames=int(d.frames), flow=flow)
+    density = int(d.get("density", 1))
+    params = GenerateParams(drivers=1, phases=int(d.phases), frames=int(d.frames), flow=flow,
+                            density=density)
     deid = deidentify(samples, faces, params, cache, seed=int(cfg.seed),
                       progress=bool(cfg.progress))
+    arms = [own_face(samples, params, cache, progress=bool(cfg.progress))
+            for _ in controls] + [deid]
+    extra = d.get("compare_density")
+    if extra is not None and int(extra) != density:  # the same arms at another density
+        dense = replace(params, density=int(extra))
+        for arm in [own_face(samples, dense, cache, progress=bool(cfg.progress))
+                    for _ in controls] + [deidentify(samples, faces, dense, cache,
+                                                     seed=int(cfg.seed),
+                                                     progress=bool(cfg.progress))]:
+            arm.meta["arm"] = f"{arm.meta['arm'].iloc[0]}@density{int(extra)}"
+            arms.append(arm)
     n = len(samples.meta)
-    both = concat(samples, deid)
+    both = concat(samples, *arms)
     prepare_inputs(OmegaConf.to_container(cfg.model, resolve=True), both)
-    folds = [Fold(f.index, f.name, f.train_idx, np.concatenate([f.test_idx, n + f.test_idx]),
-                  f.val_idx) for f in make_folds(samples, cfg.protocol, int(cfg.seed))]
+    folds = [Fold(f.index, f.name, f.train_idx,
+                  np.concatenate([f.test_idx + k * n for k in range(len(arms) + 1)]), f.val_idx)
+             for f in make_folds(samples, cfg.protocol, int(cfg.seed))]
     results = run_folds(both, folds, training_spec(cfg, run_dir / "logs"),
                         workers=cfg.protocol.workers, show_progress=bool(cfg.progress))
     pred = pooled_predictions(both, folds, results)
-    pred["deidentified"] = pred["generated"].astype(bool)
+    pred["deidentified"] = np.concatenate(
+        [both.meta["deidentified"].to_numpy(bool)[f.test_idx] for f in folds])
+    pred["arm"] = np.concatenate([both.meta["arm"].to_numpy()[f.test_idx] for f in folds])
     write_csv(pred, run_dir / "predictions.csv")
-    scores = {name: score_predictions(pred[pred["deidentified"] == flag], samples.class_names)
-              for name, flag in (("original", False), ("deidentified", True))}
+    names = ["original", *[a.meta["arm"].iloc[0] for a in arms]]
+    scores = {name: score_predictions(pred[pred["arm"] == name], samples.class_names)
+              for name in names}
     # identity leakage
     size, frac = int(d.identity.size), float(d.identity.train_fraction)
     tr, te = identity_split(samples.meta, frac)
@@ -117,9 +151,15 @@ def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
     test_keys = [keys[i] for i in te]
     acc_orig = clf.accuracy([face_image(apex_path(rows[i]), size) for i in te], test_keys)
     acc_deid = clf.accuracy([face_image(apex_path(drows[i]), size) for i in te], test_keys)
+    acc_arms = {a.meta["arm"].iloc[0]: clf.accuracy(
+        [face_image(apex_path(a.input_source.rows[i]), size) for i in te], test_keys)
+        for a in arms}
     n_subjects = len(set(keys))
     o, dd = scores["original"]["overall"], scores["deidentified"]["overall"]
     margin = float(d.get("margin", 0.1))
+    own = scores.get("own_face", {}).get("overall")
+    split = None if own is None else {  # the drop, in two parts
+        "motion_transfer": o["uf1"] - own["uf1"], "identity_change": own["uf1"] - dd["uf1"]}
     report = {
         "name": cfg.name, "synthetic": samples.synthetic,
         "label": "synthetic (SynME)" if samples.synthetic else "real",
@@ -127,12 +167,15 @@ def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
         "protocol": {"name": cfg.protocol.name, "selection": cfg.protocol.select,
                      "epochs": int(cfg.trainer.max_epochs), "folds": len(folds)},
         "new_faces": sorted({f for f in deid.meta["source"]}),
+        "density": density, "controls": controls,
         "recognition": {k: v["overall"] for k, v in scores.items()},
         "uf1_drop": o["uf1"] - dd["uf1"], "margin": margin,
         "within_margin": bool(o["uf1"] - dd["uf1"] <= margin),
+        "drop_split": split,
         "identity": {"classifier": "LBPH (cv2.face)", "subjects": n_subjects,
                      "train_images": len(images), "test_clips": int(len(te)),
                      "accuracy_original": acc_orig, "accuracy_deidentified": acc_deid,
+                     "accuracy_by_arm": {"original": acc_orig, **acc_arms},
                      "chance": 1.0 / n_subjects},
     }
     atomic_write_text(run_dir / "deidentify.json", json.dumps(report, indent=2, default=str))
@@ -143,22 +186,35 @@ def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
 
 def markdown(r: dict) -> str:
     rec, idn = r["recognition"], r["identity"]
+    split = r.get("drop_split")
+    by_arm = idn.get("accuracy_by_arm") or {"original": idn["accuracy_original"],
+                                             "deidentified": idn["accuracy_deidentified"]}
     return "\n".join([
         f"# De-identification: motion kept, identity removed? ({r['label']})", "",
         f"Command: `{r['command']}`", "",
         f"Recogniser {r['model']} trained on the original clips ({r['protocol']['name']}, "
         f"{r['protocol']['folds']} folds, {r['protocol']['selection']} epoch of "
         f"{r['protocol']['epochs']}); each fold tests its subject's clips, original and "
-        f"re-rendered on {len(r['new_faces'])} new face(s).", "",
+        f"re-rendered on {len(r['new_faces'])} new face(s)"
+        f"{' and on its own face (own_face: identity kept, same motion transfer)' if split else ''}"
+        f"; control points: landmarks + {_points(r.get('density', 1))} per landmark triangle.",
+        "",
         "| test clips | n | UF1 | UAR | accuracy |", "|---|---|---|---|---|",
         *[f"| {k} | {m['n']} | {m['uf1']:.4f} | {m['uar']:.4f} | {m['accuracy']:.4f} |"
           for k, m in rec.items()], "",
         f"UF1 drop {r['uf1_drop']:+.4f} (margin {r['margin']}: "
         f"{'within' if r['within_margin'] else 'NOT within'}).", "",
+        *([f"Of it, motion transfer (original -> own_face) {split['motion_transfer']:+.4f}, "
+           f"identity change (own_face -> deidentified) {split['identity_change']:+.4f}.", ""]
+          if split else []),
         f"Identity ({idn['classifier']}, {idn['subjects']} subjects, trained on "
         f"{idn['train_images']} original frames, tested on the apex frames of "
         f"{idn['test_clips']} held-out clips):", "",
         "| test frames | identity accuracy |", "|---|---|",
-        f"| original | {idn['accuracy_original']:.4f} |",
-        f"| de-identified | {idn['accuracy_deidentified']:.4f} |",
+        *[f"| {'de-identified' if k == 'deidentified' else k} | {v:.4f} |"
+          for k, v in by_arm.items()],
         f"| chance (1 / subjects) | {idn['chance']:.4f} |", ""])
+
+
+def _points(density: int) -> str:
+    return "the centroid" if density == 1 else f"{density * (density + 1) // 2} inner points"

@@ -8,6 +8,11 @@ to its own neutral face, carried into the new face's frame by the similarity bet
 neutral shapes, and rendered on the new face with the TPS motion model
 (:class:`~mer.data.generate.generator.DrivenGenerator`). The flow image of the result is
 computed by the same preprocessing as the originals.
+
+The control arm (:func:`own_face`) re-renders each clip on *its own* neutral face by the same
+machinery: identity kept, motion carried by the same sparse control points and TPS. Its gap to
+the originals is what the motion transfer loses; the rest of the de-identified gap is what the
+new face changes.
 """
 
 from __future__ import annotations
@@ -111,31 +116,54 @@ def deidentify(samples: FlowSamples, faces: list[Face], params: GenerateParams,
     """Every clip of ``samples`` re-rendered on its subject's new face (row i <-> row i).
 
     The result's meta keeps ``database, subject, clip, label`` (and ``subject_key``: whose
-    motion it is) and adds ``generated=True``, ``deidentified=True``, ``source`` (the new
-    face) and ``drivers`` (the clip itself).
+    motion it is) and adds ``generated=True``, ``deidentified=True``, ``arm="deidentified"``,
+    ``source`` (the new face) and ``drivers`` (the clip itself).
     """
+    return _rerender(samples, faces, params, cache_dir, seed, workers, progress)
+
+
+def own_face(samples: FlowSamples, params: GenerateParams, cache_dir: str | Path,
+             workers: int = 0, progress: bool = True) -> FlowSamples:
+    """The control arm: every clip re-rendered on its own onset frame by its own motion
+    (row i <-> row i), the same control points and TPS as :func:`deidentify`.
+
+    Meta as :func:`deidentify`'s, with ``deidentified=False``, ``arm="own_face"`` and
+    ``source`` the clip itself.
+    """
+    return _rerender(samples, None, params, cache_dir, 0, workers, progress)
+
+
+def _rerender(samples: FlowSamples, faces: list[Face] | None, params: GenerateParams,
+              cache_dir: str | Path, seed: int, workers: int, progress: bool) -> FlowSamples:
+    """Each clip's motion rendered on its subject's new face (``faces``) or, ``faces=None``,
+    on its own onset frame."""
     from mer.data.inputs import InputSource
 
     clips = clips_of(samples)
     ids = clip_ids(samples.meta)
     keys = samples.meta["subject_key"].tolist()
-    assigned = assign_faces(sorted(set(keys)), faces, seed)
+    own = faces is None
+    assigned = {} if own else assign_faces(sorted(set(keys)), faces, seed)
     out_dir = Path(cache_dir) / "deidentified"
     gen = DrivenGenerator(clips, replace(params, drivers=1), out_dir, samples.class_names)
     rows, records = [], []
     from rich.progress import Progress
 
     with Progress(transient=True, disable=not progress) as bar:
-        job = bar.add_task("de-identifying clips", total=len(ids))
+        job = bar.add_task("re-rendering clips on their own faces" if own else
+                           "de-identifying clips", total=len(ids))
         for i, cid in enumerate(ids):
-            img = cv2.imread(clips[cid].onset_path, cv2.IMREAD_UNCHANGED)
-            if img is None:
-                raise GenerationError(f"clip {cid}: onset frame {clips[cid].onset_path} cannot "
-                                      "be read")
-            face = _fitted(assigned[keys[i]], img.shape[1], img.shape[0], img.ndim == 2,
-                           out_dir / "faces")
-            gen.clips[face.id] = face
-            rec = gen.generate(cid, face.id, [cid])
+            if own:
+                rec = gen.generate(cid, cid, [cid])
+            else:
+                img = cv2.imread(clips[cid].onset_path, cv2.IMREAD_UNCHANGED)
+                if img is None:
+                    raise GenerationError(f"clip {cid}: onset frame {clips[cid].onset_path} "
+                                          "cannot be read")
+                face = _fitted(assigned[keys[i]], img.shape[1], img.shape[0], img.ndim == 2,
+                               out_dir / "faces")
+                gen.clips[face.id] = face
+                rec = gen.generate(cid, face.id, [cid])
             rows.append({"database": samples.meta["database"].iloc[i],
                          "subject": samples.meta["subject"].iloc[i],
                          "clip": samples.meta["clip"].iloc[i], "onset_path": rec["onset_path"],
@@ -149,13 +177,16 @@ def deidentify(samples: FlowSamples, faces: list[Face], params: GenerateParams,
                                         dict(params.flow), workers, progress)
     meta = samples.meta.copy()
     meta["generated"] = True
-    meta["deidentified"] = True
-    meta["source"] = [assigned[k].name for k in keys]
+    meta["deidentified"] = not own
+    meta["arm"] = "own_face" if own else "deidentified"
+    meta["source"] = ids if own else [assigned[k].name for k in keys]
     meta["drivers"] = ids
     meta["onset"], meta["apex"] = 1, (params.frames + 1) // 2
     landmarks = None
     if found is not None:  # found by mer.prepare's detector on the new faces
         landmarks = found.astype(np.float32)
+    elif samples.landmarks is not None and own:  # the same faces, the same frame size
+        landmarks = samples.landmarks.astype(np.float32)
     elif samples.landmarks is not None:  # the new faces' landmarks in the flow image's frame
         out_size = samples.x.shape[-1]
         landmarks = np.stack([_flow_frame_landmarks(assigned[k], clips[c], out_size)
@@ -163,7 +194,8 @@ def deidentify(samples: FlowSamples, faces: list[Face], params: GenerateParams,
     source = InputSource(**{**samples.input_source.__dict__, "rows": records,
                             "matrices": matrices})
     return FlowSamples(x, meta, samples.class_names, [], samples.synthetic,
-                       {**samples.provenance, "deidentified": True}, landmarks, {}, source)
+                       {**samples.provenance, "deidentified": not own,
+                        "rerendered": "own_face" if own else "new_faces"}, landmarks, {}, source)
 
 
 def _flow_frame_landmarks(face: Face, clip: Clip, out_size: int) -> np.ndarray:

@@ -39,6 +39,8 @@ class GenerateParams:
         frames: frames of a generated clip (odd, >= 3; the middle one is the apex).
         fusion: ``median`` or ``mean`` over the drivers, per point and phase.
         flow: the data's ``flow`` settings (``method``, ``method_params``) for driving flows.
+        density: control points inside each landmark triangle
+            (:func:`~mer.data.generate.motion.control_points`; 1: the centroid).
     """
 
     drivers: int = 3
@@ -46,6 +48,7 @@ class GenerateParams:
     frames: int = 9
     fusion: str = "median"
     flow: dict = field(default_factory=lambda: {"method": "tvl1"})
+    density: int = 1
 
     def __post_init__(self) -> None:
         if self.drivers < 1:
@@ -58,11 +61,17 @@ class GenerateParams:
         if self.fusion not in FUSIONS:
             raise GenerationError(f"data.augment.fusion={self.fusion!r}: use one of "
                                   f"{list(FUSIONS)}")
+        if not isinstance(self.density, int) or self.density < 1:
+            raise GenerationError(f"control point density {self.density!r}: need an integer "
+                                  ">= 1 (1: the triangle centroids)")
         self.flow = {k: v for k, v in dict(self.flow).items()
                      if k in ("method", "method_params")}
 
     def key(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, default=str)
+        d = asdict(self)
+        if d["density"] == 1:  # the original control points: sequences made before stay valid
+            del d["density"]
+        return json.dumps(d, sort_keys=True, default=str)
 
 
 class DrivenGenerator:
@@ -111,7 +120,8 @@ class DrivenGenerator:
                      tri: np.ndarray) -> np.ndarray:
         """(P, M, 2) motion of ``drivers`` (all of ``target``'s class) in the source's frame."""
         check_classes(self.clips[target], [self.clips[d] for d in drivers], self.class_names)
-        motions = [driving_motion(self.flows(d), self.landmarks(d), tri) for d in drivers]
+        motions = [driving_motion(self.flows(d), self.landmarks(d), tri, self.params.density)
+                   for d in drivers]
         return fuse_motions(motions, [self.landmarks(d) for d in drivers], source_landmarks,
                             self.params.fusion)
 
@@ -148,7 +158,7 @@ class DrivenGenerator:
         lm = self.landmarks(source)
         tri = triangles(lm)
         motion = self.fused_motion(target, lm, drivers, tri)
-        write_frames(render_sequence(face, lm, tri, motion, n), folder)
+        write_frames(render_sequence(face, lm, tri, motion, n, self.params.density), folder)
         (folder / DONE).write_text(json.dumps({"target": target, "source": source,
                                                "drivers": drivers}))
         return record

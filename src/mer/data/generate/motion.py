@@ -2,9 +2,12 @@
 and the fusion of several driving clips of one class into one motion (Chen et al., ICASSP 2025:
 multi-sequence driven generation).
 
-**Control points** are the 68 iBUG landmarks of a face's neutral (onset) frame plus the
-centroids of a Delaunay triangulation of them (defined once per source face, applied by index
-to every driving face, so point ``i`` is the same facial place on both).
+**Control points** are the 68 iBUG landmarks of a face's neutral (onset) frame plus points
+inside the triangles of a Delaunay triangulation of them (defined once per source face, applied
+by index to every driving face, so point ``i`` is the same facial place on both): at density 1
+each triangle's centroid, at density L the L(L+1)/2 centroids of the upward sub-triangles of
+its L-fold subdivision (a grid of flow samples inside the face hull, never on an edge, so no
+point repeats).
 
 **A driving clip's motion** (:func:`driving_motion`) is the optical flow (the data's flow
 method, at the frames' own resolution) from its onset frame to the frames at the normalised
@@ -63,10 +66,25 @@ def triangles(landmarks: np.ndarray) -> np.ndarray:
     return np.asarray(Delaunay(np.asarray(landmarks, np.float64)).simplices, np.int64)
 
 
-def control_points(landmarks: np.ndarray, tri: np.ndarray) -> np.ndarray:
-    """(68 + T, 2) control points: the landmarks, then the centroids of the triangles ``tri``."""
+def barycentric(density: int) -> np.ndarray:
+    """(L(L+1)/2, 3) barycentric weights of the inner points of a triangle at ``density`` L:
+    the centroids ((i, j, k) + 1/3) / L, i + j + k = L - 1, of its L-fold subdivision's upward
+    sub-triangles; L = 1: the centroid alone."""
+    if not isinstance(density, int | np.integer) or density < 1:
+        raise GenerationError(f"control point density {density!r}: need an integer >= 1 "
+                              "(1: the triangle centroids)")
+    return np.array([(i + 1 / 3, j + 1 / 3, density - 1 - i - j + 1 / 3)
+                     for i in range(density) for j in range(density - i)]) / density
+
+
+def control_points(landmarks: np.ndarray, tri: np.ndarray, density: int = 1) -> np.ndarray:
+    """(68 + T * L(L+1)/2, 2) control points: the landmarks, then the inner points of each
+    triangle of ``tri`` (:func:`barycentric`; density 1: the centroids)."""
     lm = np.asarray(landmarks, np.float64)
-    return np.concatenate([lm, lm[tri].mean(axis=1)])
+    if density == 1:
+        return np.concatenate([lm, lm[tri].mean(axis=1)])
+    inner = np.einsum("kv,tvc->tkc", barycentric(density), lm[tri]).reshape(-1, 2)
+    return np.concatenate([lm, inner])
 
 
 def phase_frames(onset: int, apex: int, offset: int, phases: np.ndarray) -> list[int]:
@@ -157,10 +175,12 @@ def sample_field(field: np.ndarray, points: np.ndarray) -> np.ndarray:
     return out.reshape(-1, 2).astype(np.float64)
 
 
-def driving_motion(flows: np.ndarray, landmarks: np.ndarray, tri: np.ndarray) -> np.ndarray:
+def driving_motion(flows: np.ndarray, landmarks: np.ndarray, tri: np.ndarray,
+                   density: int = 1) -> np.ndarray:
     """(P, M, 2) displacements of a driving clip at its control points (on its own neutral
-    landmarks ``landmarks`` with the source's triangulation ``tri``), global motion removed."""
-    points = control_points(landmarks, tri)
+    landmarks ``landmarks`` with the source's triangulation ``tri``, :func:`control_points` at
+    ``density``), global motion removed."""
+    points = control_points(landmarks, tri, density)
     disp = np.stack([sample_field(f, points) for f in flows])
     return disp - np.median(disp, axis=1, keepdims=True)
 

@@ -24,10 +24,11 @@ def motion_at(motion: np.ndarray, t: float) -> np.ndarray:
 
 
 def render_sequence(source: np.ndarray, landmarks: np.ndarray, tri: np.ndarray,
-                    motion: np.ndarray, n_frames: int) -> list[np.ndarray]:
+                    motion: np.ndarray, n_frames: int, density: int = 1) -> list[np.ndarray]:
     """``n_frames`` frames (odd: the middle one is the apex) of the source face ``source``
     ((H, W) or (H, W, 3) uint8, neutral) moving by ``motion`` (P, M, 2) at its control points
-    (its landmarks (68, 2) and the triangulation ``tri``). Frame 0 is ``source`` itself.
+    (its landmarks (68, 2) and the triangulation ``tri`` at ``density``, as
+    :func:`~mer.data.generate.motion.control_points`). Frame 0 is ``source`` itself.
 
     The kornia TPS is solved at each of the P phase knots of ``motion`` (exact there); the
     backward maps of frames between two knots are blended linearly (first order in the
@@ -37,7 +38,7 @@ def render_sequence(source: np.ndarray, landmarks: np.ndarray, tri: np.ndarray,
                               f"apex in the middle, offset), got {n_frames}")
     import torch
 
-    points = control_points(landmarks, tri)
+    points = control_points(landmarks, tri, density)
     h, w = source.shape[:2]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small tensors: more threads only contend
