@@ -5,6 +5,7 @@ batch-norm statistics, the server's view under secure aggregation, refused confi
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -228,6 +229,25 @@ def test_an_interrupted_spotting_run_resumes_to_the_same_end_state(standin, tmp_
     for a, b in zip(straight.global_weights, resumed.global_weights):
         np.testing.assert_array_equal(a, b)
     assert resumed.curves[-1]["pooled_global"] == straight.curves[-1]["pooled_global"]
+
+
+def test_a_resume_with_no_rounds_left_rebuilds_each_labs_intervals(standin, tmp_path):
+    """A run that stopped after its last round (e.g. in the baselines) and is resumed has no
+    round to run; the labs must still hold the final spotter's intervals (intervals.csv),
+    the same as the run that went straight through (was: none, only the baselines')."""
+    splits = _splits(standin)
+    first, task = _run(standin, splits=splits, rounds=1)
+    first.checkpoint = tmp_path / "federated_state.pt"
+    first.run_rounds()
+    before = task.lab_intervals["global"]
+    again = SpotTask(APEX, splits, seed=0)
+    resumed = FederatedRun(_cfg(rounds=1), None, again.clients, tmp_path, task=again)
+    assert resumed.try_resume() and resumed.round_done == 1
+    resumed.run_rounds()  # nothing left to run
+    assert again.statistics(resumed)["thresholds"] == task.statistics(first)["thresholds"]
+    assert sorted(again.lab_intervals["global"]) == sorted(before)
+    for lab, frame in before.items():
+        pd.testing.assert_frame_equal(again.lab_intervals["global"][lab], frame)
 
 
 def test_fedprox_and_scaffold_act_on_the_spotter(standin):

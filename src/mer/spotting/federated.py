@@ -326,7 +326,10 @@ class SpotTask(Task):
         """The final global spotter's parameters: pooled lengths, thresholds (and the F1
         of every candidate) from the labs' summed validation counts."""
         if self._last is None or self._last["round"] < run.round_done:
-            self.evaluate(run, {"global": run.default_models()["global"]})
+            # resumed after the last round: no evaluation ran in this process, so the labs'
+            # intervals of the final spotter are rebuilt too (intervals.csv)
+            self.evaluate(run, {"global": run.default_models()["global"]},
+                          with_predictions=True)
             self._last["round"] = run.round_done
         return {"lengths": self.lengths, "thresholds": self._last["thresholds"],
                 "selection": self._last["selection"]}
