@@ -93,7 +93,8 @@ def test_density_one_is_the_landmarks_and_centroids_and_more_points_stay_inside(
 
 def test_density_one_keeps_the_cache_key_of_sequences_made_before():
     p = GenerateParams(drivers=1, phases=3, frames=5)
-    old = {k: v for k, v in asdict(p).items() if k != "density"}  # the fields before density
+    old = {k: v for k, v in asdict(p).items()  # the fields before density and motion
+           if k not in ("density", "motion")}
     assert p.key() == json.dumps(old, sort_keys=True, default=str)
     assert GenerateParams(drivers=1, phases=3, frames=5, density=3).key() != p.key()
 
@@ -105,12 +106,16 @@ def test_the_control_arm_and_density_keys_are_checked():
     assert list(cfg.deidentify.controls) == ["own_face"] and cfg.deidentify.density == 1
     assert config_problems(cfg) == []
     bad = config_problems(_compose("+experiment=deidentify", "deidentify.controls=[other]",
-                                   "deidentify.density=0", "deidentify.compare_density=x"))
+                                   "deidentify.density=0", "deidentify.compare_density=x",
+                                   "deidentify.motion=flow", "deidentify.compare_motion=3",
+                                   "data.augment.motion=sparse"))
     text = "\n".join(bad)
-    for key in ("deidentify.controls", "deidentify.density", "deidentify.compare_density"):
+    for key in ("deidentify.controls", "deidentify.density", "deidentify.compare_density",
+                "deidentify.motion", "deidentify.compare_motion", "data.augment.motion"):
         assert key in text, key
     assert config_problems(_compose("+experiment=deidentify", "deidentify.controls=[]",
-                                    "deidentify.compare_density=3")) == []
+                                    "deidentify.compare_density=3",
+                                    "deidentify.compare_motion=dense")) == []
 
 
 def test_the_report_splits_the_drop_into_motion_transfer_and_identity():
@@ -134,6 +139,8 @@ def test_the_report_splits_the_drop_into_motion_transfer_and_identity():
     assert "motion transfer (original -> own_face) +0.0500" in text
     assert "identity change (own_face -> deidentified) +0.1000" in text
     assert "(margin 0.1: NOT within)" in text
+    assert "(motion=tps)" in text
+    assert "pixel by pixel (motion=dense)" in markdown({**r, "motion": "dense"})
 
 
 def test_concat_marks_every_arm(tiny_a, tmp_path):

@@ -8,9 +8,12 @@
   *own* faces by the same control points and TPS (identity kept). original -> own_face is what
   the motion transfer loses; own_face -> deidentified is what the new face changes. The
   recogniser is trained once, so an arm costs rendering and inference only.
-- **Density** (``deidentify.density``, default 1: the landmarks and triangle centroids): more
-  control points per landmark triangle for every arm; ``deidentify.compare_density: L`` adds
-  the own-face and de-identified arms at density L too (same trained recogniser).
+- **Motion model** (``deidentify.motion``): ``tps`` carries each clip's flow at sparse control
+  points (``deidentify.density`` per landmark triangle, 1: the centroids) densified by a TPS;
+  ``dense`` carries the whole flow field pixel by pixel (:mod:`mer.data.generate.dense`).
+  ``deidentify.compare_motion: M`` / ``compare_density: L`` add the own-face and de-identified
+  arms made the other way too (``arm`` ``own_face@M``, ``deidentified@densityL``; same trained
+  recogniser).
 - **Removed (identity)**: an LBPH face recogniser (:mod:`mer.data.generate.identity`) trained
   on the onset and apex frames of part of each subject's original clips
   (``deidentify.identity.train_fraction``), asked who is on the apex frames of the other clips,
@@ -99,20 +102,25 @@ def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
                               f"any of {list(CONTROLS)} (or [] for none)")
     flow = OmegaConf.to_container(cfg.data.flow, resolve=True)
     density = int(d.get("density", 1))
+    motion = str(d.get("motion", "tps"))
     params = GenerateParams(drivers=1, phases=int(d.phases), frames=int(d.frames), flow=flow,
-                            density=density)
+                            density=density, motion=motion)
     deid = deidentify(samples, faces, params, cache, seed=int(cfg.seed),
                       progress=bool(cfg.progress))
     arms = [own_face(samples, params, cache, progress=bool(cfg.progress))
             for _ in controls] + [deid]
-    extra = d.get("compare_density")
-    if extra is not None and int(extra) != density:  # the same arms at another density
-        dense = replace(params, density=int(extra))
-        for arm in [own_face(samples, dense, cache, progress=bool(cfg.progress))
-                    for _ in controls] + [deidentify(samples, faces, dense, cache,
+    variants = []  # the same arms made another way, tested by the same trained recogniser
+    if d.get("compare_density") is not None and int(d.compare_density) != density:
+        variants.append((f"density{int(d.compare_density)}",
+                         replace(params, density=int(d.compare_density))))
+    if d.get("compare_motion") is not None and str(d.compare_motion) != motion:
+        variants.append((str(d.compare_motion), replace(params, motion=str(d.compare_motion))))
+    for tag, other in variants:
+        for arm in [own_face(samples, other, cache, progress=bool(cfg.progress))
+                    for _ in controls] + [deidentify(samples, faces, other, cache,
                                                      seed=int(cfg.seed),
                                                      progress=bool(cfg.progress))]:
-            arm.meta["arm"] = f"{arm.meta['arm'].iloc[0]}@density{int(extra)}"
+            arm.meta["arm"] = f"{arm.meta['arm'].iloc[0]}@{tag}"
             arms.append(arm)
     n = len(samples.meta)
     both = concat(samples, *arms)
@@ -167,7 +175,7 @@ def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
         "protocol": {"name": cfg.protocol.name, "selection": cfg.protocol.select,
                      "epochs": int(cfg.trainer.max_epochs), "folds": len(folds)},
         "new_faces": sorted({f for f in deid.meta["source"]}),
-        "density": density, "controls": controls,
+        "density": density, "motion": motion, "controls": controls,
         "recognition": {k: v["overall"] for k, v in scores.items()},
         "uf1_drop": o["uf1"] - dd["uf1"], "margin": margin,
         "within_margin": bool(o["uf1"] - dd["uf1"] <= margin),
@@ -197,7 +205,7 @@ def markdown(r: dict) -> str:
         f"{r['protocol']['epochs']}); each fold tests its subject's clips, original and "
         f"re-rendered on {len(r['new_faces'])} new face(s)"
         f"{' and on its own face (own_face: identity kept, same motion transfer)' if split else ''}"
-        f"; control points: landmarks + {_points(r.get('density', 1))} per landmark triangle.",
+        f"; {_how(r)}.",
         "",
         "| test clips | n | UF1 | UAR | accuracy |", "|---|---|---|---|---|",
         *[f"| {k} | {m['n']} | {m['uf1']:.4f} | {m['uar']:.4f} | {m['accuracy']:.4f} |"
@@ -216,5 +224,10 @@ def markdown(r: dict) -> str:
         f"| chance (1 / subjects) | {idn['chance']:.4f} |", ""])
 
 
-def _points(density: int) -> str:
-    return "the centroid" if density == 1 else f"{density * (density + 1) // 2} inner points"
+def _how(r: dict) -> str:
+    """How the motion was carried to the new face, in words."""
+    if r.get("motion", "tps") == "dense":
+        return "motion carried as the whole flow field, pixel by pixel (motion=dense)"
+    density = r.get("density", 1)
+    points = "the centroid" if density == 1 else f"{density * (density + 1) // 2} inner points"
+    return f"control points: landmarks + {points} per landmark triangle (motion=tps)"

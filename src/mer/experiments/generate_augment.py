@@ -69,7 +69,8 @@ def run_generate_augment(cfg: DictConfig, run_dir: Path) -> dict:
         samples = load_samples(cfg.data, cfg.paths.cache_dir)
         fid = motion_fidelity(samples, int(mc.samples), int(mc.get("drivers", 3)),
                               OmegaConf.to_container(cfg.data.flow, resolve=True),
-                              cfg.paths.cache_dir, seed=int(cfg.seed))
+                              cfg.paths.cache_dir, seed=int(cfg.seed),
+                              motion=str(cfg.data.augment.get("motion", "tps")))
         report["motion_check"] = fid
     atomic_write_text(run_dir / "generate_augment.json", json.dumps(report, indent=2,
                                                                      default=str))

@@ -281,7 +281,8 @@ def fold_augmenter(data_cfg, cache_dir: str | Path, seed: int, progress: bool = 
     flow = OmegaConf.to_container(data_cfg.flow, resolve=True) if data_cfg.get("flow") else {}
     params = GenerateParams(drivers=int(aug.get("drivers", 3)), phases=int(aug.get("phases", 5)),
                             frames=int(aug.get("frames", 9)),
-                            fusion=str(aug.get("fusion", "median")), flow=flow)
+                            fusion=str(aug.get("fusion", "median")), flow=flow,
+                            motion=str(aug.get("motion", "tps")))
     w = data_cfg.get("workers", "auto")
     import os
 

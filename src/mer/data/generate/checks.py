@@ -16,6 +16,9 @@ _DATA: tuple[Rule, ...] = (
     Rule("data.augment.phases", Int(3), f"knots of normalised time ({ODD})"),
     Rule("data.augment.frames", Int(3), f"frames per generated clip ({ODD})"),
     Rule("data.augment.fusion", OneOf(choices=("median", "mean"))),
+    Rule("data.augment.motion", OneOf(choices=("tps", "dense")),
+         "tps: the drivers' flow at control points, densified by a TPS; dense: their whole flow "
+         "field carried pixel by pixel"),
 )
 RULES: tuple[Rule, ...] = _DATA + tuple(  # a data config elsewhere (a pretraining set): same
     Rule(f"{where}.{r.key[len('data.'):]}", r.check, r.note)
@@ -40,6 +43,10 @@ RULES: tuple[Rule, ...] = _DATA + tuple(  # a data config elsewhere (a pretraini
          "control arms: own_face re-renders each clip on its own face (identity kept)"),
     Rule("deidentify.density", Int(1), "control points per landmark triangle: 1 the centroid, "
          "L the L(L+1)/2 inner points of its L-fold subdivision"),
+    Rule("deidentify.motion", OneOf(choices=("tps", "dense")),
+         "how a clip's motion is carried to the new face (as data.augment.motion)"),
+    Rule("deidentify.compare_motion", OneOf(choices=("tps", "dense"), null=True),
+         "also test the re-rendered arms with this motion model (null: no)"),
     Rule("deidentify.compare_density", Int(1, null=True),
          "also test the re-rendered arms at this density (null: no)"),
 )

@@ -22,8 +22,9 @@ from mer.data.generate.motion import (
     fuse_motions,
     triangles,
 )
-from mer.data.generate.render import render_sequence, write_frames
+from mer.data.generate.render import render_dense, render_sequence, write_frames
 
+MOTIONS = ("tps", "dense")
 VERSION = "1"  # bump when the frames made for the same inputs change
 DONE = ".done"
 
@@ -40,7 +41,10 @@ class GenerateParams:
         fusion: ``median`` or ``mean`` over the drivers, per point and phase.
         flow: the data's ``flow`` settings (``method``, ``method_params``) for driving flows.
         density: control points inside each landmark triangle
-            (:func:`~mer.data.generate.motion.control_points`; 1: the centroid).
+            (:func:`~mer.data.generate.motion.control_points`; 1: the centroid); ``tps`` only.
+        motion: ``tps`` (the drivers' flow at the control points, densified by a TPS) or
+            ``dense`` (their whole flow field carried pixel by pixel,
+            :mod:`mer.data.generate.dense`).
     """
 
     drivers: int = 3
@@ -49,6 +53,7 @@ class GenerateParams:
     fusion: str = "median"
     flow: dict = field(default_factory=lambda: {"method": "tvl1"})
     density: int = 1
+    motion: str = "tps"
 
     def __post_init__(self) -> None:
         if self.drivers < 1:
@@ -64,6 +69,9 @@ class GenerateParams:
         if not isinstance(self.density, int) or self.density < 1:
             raise GenerationError(f"control point density {self.density!r}: need an integer "
                                   ">= 1 (1: the triangle centroids)")
+        if self.motion not in MOTIONS:
+            raise GenerationError(f"motion={self.motion!r}: use one of {list(MOTIONS)} (tps: "
+                                  "control points and a TPS; dense: the whole flow field)")
         self.flow = {k: v for k, v in dict(self.flow).items()
                      if k in ("method", "method_params")}
 
@@ -71,6 +79,8 @@ class GenerateParams:
         d = asdict(self)
         if d["density"] == 1:  # the original control points: sequences made before stay valid
             del d["density"]
+        if d["motion"] == "tps":  # likewise
+            del d["motion"]
         return json.dumps(d, sort_keys=True, default=str)
 
 
@@ -125,6 +135,16 @@ class DrivenGenerator:
         return fuse_motions(motions, [self.landmarks(d) for d in drivers], source_landmarks,
                             self.params.fusion)
 
+    def fused_dense(self, target: str, source_landmarks: np.ndarray, drivers: list[str],
+                    height: int, width: int) -> np.ndarray:
+        """(P, H, W, 2) dense motion of ``drivers`` (all of ``target``'s class) on the source
+        face (:mod:`mer.data.generate.dense`)."""
+        from mer.data.generate.dense import dense_motion, fuse_dense
+
+        check_classes(self.clips[target], [self.clips[d] for d in drivers], self.class_names)
+        return fuse_dense([dense_motion(self.flows(d), self.landmarks(d), source_landmarks,
+                                        height, width) for d in drivers], self.params.fusion)
+
     def _frame_sha(self, clip_id: str) -> str:
         if clip_id not in self._sha:
             from mer.data.preprocess.cache import file_sha256
@@ -156,9 +176,14 @@ class DrivenGenerator:
             raise GenerationError(f"source clip {source}: its onset frame "
                                   f"{src_clip.onset_path} cannot be read")
         lm = self.landmarks(source)
-        tri = triangles(lm)
-        motion = self.fused_motion(target, lm, drivers, tri)
-        write_frames(render_sequence(face, lm, tri, motion, n, self.params.density), folder)
+        if self.params.motion == "dense":
+            motion = self.fused_dense(target, lm, drivers, *face.shape[:2])
+            frames = render_dense(face, motion, n)
+        else:
+            tri = triangles(lm)
+            motion = self.fused_motion(target, lm, drivers, tri)
+            frames = render_sequence(face, lm, tri, motion, n, self.params.density)
+        write_frames(frames, folder)
         (folder / DONE).write_text(json.dumps({"target": target, "source": source,
                                                "drivers": drivers}))
         return record

@@ -33,9 +33,7 @@ def render_sequence(source: np.ndarray, landmarks: np.ndarray, tri: np.ndarray,
     The kornia TPS is solved at each of the P phase knots of ``motion`` (exact there); the
     backward maps of frames between two knots are blended linearly (first order in the
     displacement, which is a few pixels at most), and ``cv2.remap`` renders each frame."""
-    if n_frames < 3 or n_frames % 2 == 0:
-        raise GenerationError(f"a generated clip needs an odd number of frames >= 3 (onset, "
-                              f"apex in the middle, offset), got {n_frames}")
+    _check_frames(n_frames)
     import torch
 
     points = control_points(landmarks, tri, density)
@@ -46,15 +44,43 @@ def render_sequence(source: np.ndarray, landmarks: np.ndarray, tri: np.ndarray,
         maps = np.stack([tps_backward_map(points, m, h, w) for m in motion])
     finally:
         torch.set_num_threads(threads)
-    knots = np.linspace(0.0, 1.0, len(motion))
+    return _frames_from_maps(source, maps, n_frames)
+
+
+def render_dense(source: np.ndarray, motion: np.ndarray, n_frames: int) -> list[np.ndarray]:
+    """``n_frames`` frames (odd: the middle one is the apex) of ``source`` ((H, W) or
+    (H, W, 3) uint8, neutral) moving by the dense forward field ``motion`` (P, H, W, 2) at P
+    phase knots (:func:`~mer.data.generate.dense.dense_motion`). Frame 0 is ``source``;
+    the field is inverted at each knot (:func:`~mer.data.generate.dense.backward_map`) and
+    the maps blended linearly between knots, as :func:`render_sequence` does."""
+    from mer.data.generate.dense import backward_map
+
+    _check_frames(n_frames)
+    if motion.shape[1:3] != source.shape[:2]:
+        raise GenerationError(f"dense motion of {motion.shape[2]}x{motion.shape[1]} px for a "
+                              f"{source.shape[1]}x{source.shape[0]} px face")
+    maps = np.stack([backward_map(m) for m in motion])
+    return _frames_from_maps(source, maps, n_frames)
+
+
+def _check_frames(n_frames: int) -> None:
+    if n_frames < 3 or n_frames % 2 == 0:
+        raise GenerationError(f"a generated clip needs an odd number of frames >= 3 (onset, "
+                              f"apex in the middle, offset), got {n_frames}")
+
+
+def _frames_from_maps(source: np.ndarray, maps: np.ndarray, n_frames: int) -> list[np.ndarray]:
+    """Frames at evenly spaced normalised times: the backward maps (P, H, W, 2) at the phase
+    knots blended linearly between them, rendered by ``cv2.remap``; frame 0 is ``source``."""
+    knots = np.linspace(0.0, 1.0, len(maps))
     frames = []
     for t in np.linspace(0.0, 1.0, n_frames):
-        i = int(np.clip(np.searchsorted(knots, t, side="right") - 1, 0, len(motion) - 2))
-        wt = np.float32((t - knots[i]) / (knots[i + 1] - knots[i]))
-        m = (1 - wt) * maps[i] + wt * maps[i + 1]
         if t == 0.0:
             frames.append(source.copy())  # the onset is the source face itself
             continue
+        i = int(np.clip(np.searchsorted(knots, t, side="right") - 1, 0, len(maps) - 2))
+        wt = np.float32((t - knots[i]) / (knots[i + 1] - knots[i]))
+        m = (1 - wt) * maps[i] + wt * maps[i + 1]
         frames.append(cv2.remap(source, m[..., 0], m[..., 1], cv2.INTER_CUBIC,
                                 borderMode=cv2.BORDER_REFLECT))
     return frames

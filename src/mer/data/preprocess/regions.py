@@ -19,6 +19,16 @@ AU_REGIONS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 }
 
 
+def face_polygon(landmarks: np.ndarray) -> np.ndarray:
+    """(P, 2) convex polygon of the face: the landmarks' hull with the forehead (the brows
+    raised by the brow-to-eye distance). landmarks (68, 2) iBUG (x, y)."""
+    lm = np.asarray(landmarks, dtype=np.float64)
+    rise = float(np.mean(lm[36:48, 1]) - np.mean(lm[17:27, 1]))
+    forehead = lm[17:27] - [0.0, max(rise, 0.0)]
+    hull = cv2.convexHull(np.concatenate([lm, forehead]).astype(np.float32))
+    return hull[:, 0, :].astype(np.float64)
+
+
 def region_boxes(landmarks: np.ndarray, pad: float = 2.0) -> dict[str, np.ndarray]:
     """Bounding box ``[x0, y0, x1, y1]`` (pixels, padded by ``pad``) of each AU region.
 

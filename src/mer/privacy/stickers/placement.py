@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from mer.data.preprocess.regions import AU_REGIONS
+from mer.data.preprocess.regions import AU_REGIONS, face_polygon
 from mer.privacy.stickers.styles import StickerStyle, paste, render_alpha
 
 
@@ -78,16 +78,6 @@ def face_area(landmarks: np.ndarray) -> float:
     """Area (px^2) of the convex hull of the (68, 2) landmarks."""
     hull = cv2.convexHull(np.asarray(landmarks, dtype=np.float32))
     return float(cv2.contourArea(hull))
-
-
-def face_polygon(landmarks: np.ndarray) -> np.ndarray:
-    """(P, 2) convex polygon of the face: the landmarks' hull with the forehead (the brows
-    raised by the brow-to-eye distance)."""
-    lm = np.asarray(landmarks, dtype=np.float64)
-    rise = float(np.mean(lm[36:48, 1]) - np.mean(lm[17:27, 1]))
-    forehead = lm[17:27] - [0.0, max(rise, 0.0)]
-    hull = cv2.convexHull(np.concatenate([lm, forehead]).astype(np.float32))
-    return hull[:, 0, :].astype(np.float64)
 
 
 def face_mask(landmarks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
