@@ -60,3 +60,38 @@ def _alive_in_group(pgid: int, wait_s: float) -> list[str]:
         if not alive or time.monotonic() > deadline:
             return alive
         time.sleep(0.5)
+
+
+_BLOCKED_WORKER = """
+import signal, sys, threading, time
+from mer.data.workers import prepare_worker
+
+prepare_worker()
+threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+# the main thread waits on a lock nobody releases (a pool worker on the queue lock that
+# Pool.terminate holds), with SIGTERM masked there: the kernel must deliver it to the other
+# thread, as it may whenever a worker has OpenCV's or torch's threads
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+lock = threading.Lock()
+lock.acquire()
+print("waiting", flush=True)
+lock.acquire()
+"""
+
+
+def test_sigterm_ends_a_worker_whose_main_thread_waits_whichever_thread_gets_it():
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKED_WORKER], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "waiting"
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("SIGTERM did not end the worker: a Python-level handler waits for the "
+                        "main thread, which never runs")
+        assert code == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -21,22 +21,25 @@ import threading
 _PR_SET_PDEATHSIG = 1
 
 
-def _exit_now(signum: int, _frame: object) -> None:
-    os._exit(128 + signum)
-
-
 def prepare_worker(parent_pid: int | None = None) -> None:
     """In a worker: die with ``parent_pid`` (the process that started it), end at once on
     SIGTERM, leave SIGINT to the parent. (``PR_SET_PDEATHSIG`` follows the *thread* that
-    started the worker: start pools from a thread that outlives them, e.g. the main thread.)"""
-    signal.signal(signal.SIGTERM, _exit_now)
+    started the worker: start pools from a thread that outlives them, e.g. the main thread.)
+
+    SIGTERM gets its default action, not a Python handler: the kernel ends the whole process
+    whichever thread receives the signal. A Python handler runs only when the *main* thread
+    next executes bytecode, so a SIGTERM delivered to one of OpenCV's or torch's threads while
+    the main thread waits on the pool's queue lock (which ``Pool.terminate`` holds from then
+    on) was never acted on, and the parent's ``Pool.terminate`` waited for the worker forever.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(128 + signal.SIGTERM)  # the parent died before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)  # the parent died before the line above took effect
 
 
 def image_worker(parent_pid: int | None = None) -> None:
