@@ -155,3 +155,25 @@ def test_concat_marks_every_arm(tiny_a, tmp_path):
     assert not both.meta["deidentified"].any()
     assert [Path(r["onset_path"]) for r in both.input_source.rows[:n]] == \
         [Path(r["onset_path"]) for r in tiny_a.input_source.rows]
+
+
+def test_arms_share_each_clips_driving_flows(tiny_a, tmp_path, monkeypatch):
+    """Every arm (own face, de-identified, another motion model) re-renders the same clips'
+    motion: their driving flows are computed once per clip, and reused give the same frames."""
+    import mer.data.generate.generator as generator
+
+    calls = []
+    real = generator.driving_flows
+    monkeypatch.setattr(generator, "driving_flows",
+                        lambda clip, *a, **k: calls.append(clip.id) or real(clip, *a, **k))
+    three = tiny_a.subset(np.arange(3))
+    store: dict = {}
+    shared = own_face(three, GenerateParams(drivers=1, phases=3, frames=5), tmp_path / "a",
+                      progress=False, flow_store=store)
+    own_face(three, GenerateParams(drivers=1, phases=3, frames=5, motion="dense"),
+             tmp_path / "a", progress=False, flow_store=store)
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 3
+    alone = own_face(three, GenerateParams(drivers=1, phases=3, frames=5), tmp_path / "b",
+                     progress=False)
+    assert len(calls) == 6  # no store: computed again
+    np.testing.assert_array_equal(shared.x, alone.x)

@@ -105,9 +105,11 @@ def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
     motion = str(d.get("motion", "tps"))
     params = GenerateParams(drivers=1, phases=int(d.phases), frames=int(d.frames), flow=flow,
                             density=density, motion=motion)
-    deid = deidentify(samples, faces, params, cache, seed=int(cfg.seed),
-                      progress=bool(cfg.progress))
-    arms = [own_face(samples, params, cache, progress=bool(cfg.progress))
+    store: dict = {}  # each clip's driving flows, computed once for every arm
+    show = bool(cfg.progress)
+    deid = deidentify(samples, faces, params, cache, seed=int(cfg.seed), progress=show,
+                      flow_store=store)
+    arms = [own_face(samples, params, cache, progress=show, flow_store=store)
             for _ in controls] + [deid]
     variants = []  # the same arms made another way, tested by the same trained recogniser
     if d.get("compare_density") is not None and int(d.compare_density) != density:
@@ -116,10 +118,10 @@ def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
     if d.get("compare_motion") is not None and str(d.compare_motion) != motion:
         variants.append((str(d.compare_motion), replace(params, motion=str(d.compare_motion))))
     for tag, other in variants:
-        for arm in [own_face(samples, other, cache, progress=bool(cfg.progress))
+        for arm in [own_face(samples, other, cache, progress=show, flow_store=store)
                     for _ in controls] + [deidentify(samples, faces, other, cache,
-                                                     seed=int(cfg.seed),
-                                                     progress=bool(cfg.progress))]:
+                                                     seed=int(cfg.seed), progress=show,
+                                                     flow_store=store)]:
             arm.meta["arm"] = f"{arm.meta['arm'].iloc[0]}@{tag}"
             arms.append(arm)
     n = len(samples.meta)

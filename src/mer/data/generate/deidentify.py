@@ -112,29 +112,32 @@ def assign_faces(subjects: list[str], faces: list[Face], seed: int) -> dict[str,
 
 def deidentify(samples: FlowSamples, faces: list[Face], params: GenerateParams,
                cache_dir: str | Path, seed: int = 0, workers: int = 0,
-               progress: bool = True) -> FlowSamples:
+               progress: bool = True, flow_store: dict | None = None) -> FlowSamples:
     """Every clip of ``samples`` re-rendered on its subject's new face (row i <-> row i).
 
     The result's meta keeps ``database, subject, clip, label`` (and ``subject_key``: whose
     motion it is) and adds ``generated=True``, ``deidentified=True``, ``arm="deidentified"``,
-    ``source`` (the new face) and ``drivers`` (the clip itself).
+    ``source`` (the new face) and ``drivers`` (the clip itself). ``flow_store``: the clips'
+    driving flows, shared between arms (:class:`DrivenGenerator`).
     """
-    return _rerender(samples, faces, params, cache_dir, seed, workers, progress)
+    return _rerender(samples, faces, params, cache_dir, seed, workers, progress, flow_store)
 
 
 def own_face(samples: FlowSamples, params: GenerateParams, cache_dir: str | Path,
-             workers: int = 0, progress: bool = True) -> FlowSamples:
+             workers: int = 0, progress: bool = True, flow_store: dict | None = None
+             ) -> FlowSamples:
     """The control arm: every clip re-rendered on its own onset frame by its own motion
     (row i <-> row i), the same control points and TPS as :func:`deidentify`.
 
     Meta as :func:`deidentify`'s, with ``deidentified=False``, ``arm="own_face"`` and
     ``source`` the clip itself.
     """
-    return _rerender(samples, None, params, cache_dir, 0, workers, progress)
+    return _rerender(samples, None, params, cache_dir, 0, workers, progress, flow_store)
 
 
 def _rerender(samples: FlowSamples, faces: list[Face] | None, params: GenerateParams,
-              cache_dir: str | Path, seed: int, workers: int, progress: bool) -> FlowSamples:
+              cache_dir: str | Path, seed: int, workers: int, progress: bool,
+              flow_store: dict | None = None) -> FlowSamples:
     """Each clip's motion rendered on its subject's new face (``faces``) or, ``faces=None``,
     on its own onset frame."""
     from mer.data.inputs import InputSource
@@ -145,7 +148,8 @@ def _rerender(samples: FlowSamples, faces: list[Face] | None, params: GeneratePa
     own = faces is None
     assigned = {} if own else assign_faces(sorted(set(keys)), faces, seed)
     out_dir = Path(cache_dir) / "deidentified"
-    gen = DrivenGenerator(clips, replace(params, drivers=1), out_dir, samples.class_names)
+    gen = DrivenGenerator(clips, replace(params, drivers=1), out_dir, samples.class_names,
+                          flow_store=flow_store)
     rows, records = [], []
     from rich.progress import Progress
 

@@ -94,14 +94,17 @@ class DrivenGenerator:
         out_dir: where generated clip folders are written.
         class_names: for messages.
         detector: face detector for clips without known landmarks (default: MediaPipe).
+        flow_store: driving flows shared with other generators over the same clips (keyed by
+            clip, phases and flow settings; they do not depend on the motion model or density).
     """
 
     def __init__(self, clips: dict[str, Clip], params: GenerateParams, out_dir: str | Path,
-                 class_names: list[str] | None = None, detector=None) -> None:
+                 class_names: list[str] | None = None, detector=None,
+                 flow_store: dict | None = None) -> None:
         self.clips, self.params, self.out_dir = clips, params, Path(out_dir)
         self.class_names, self.detector = class_names, detector
         self._landmarks: dict[str, np.ndarray] = {}
-        self._flows: dict[str, np.ndarray] = {}
+        self._flows: dict[tuple, np.ndarray] = {} if flow_store is None else flow_store
         self._sha: dict[str, str] = {}
         self.phases = np.linspace(0.0, 1.0, params.phases)
 
@@ -116,15 +119,17 @@ class DrivenGenerator:
         return self._landmarks[clip_id]
 
     def flows(self, clip_id: str) -> np.ndarray:
-        if clip_id not in self._flows:
+        key = (clip_id, self.params.phases, json.dumps(self.params.flow, sort_keys=True,
+                                                       default=str))
+        if key not in self._flows:
             threads = cv2.getNumThreads()
             cv2.setNumThreads(1)  # as the preprocessing workers: same flows, no contention
             try:
-                self._flows[clip_id] = driving_flows(self.clips[clip_id], self.phases,
-                                                     self.params.flow)
+                self._flows[key] = driving_flows(self.clips[clip_id], self.phases,
+                                                 self.params.flow)
             finally:
                 cv2.setNumThreads(threads)
-        return self._flows[clip_id]
+        return self._flows[key]
 
     def fused_motion(self, target: str, source_landmarks: np.ndarray, drivers: list[str],
                      tri: np.ndarray) -> np.ndarray:
