@@ -140,6 +140,9 @@ def test_the_report_splits_the_drop_into_motion_transfer_and_identity():
     assert "identity change (own_face -> deidentified) +0.1000" in text
     assert "(margin 0.1: NOT within)" in text
     assert "(motion=tps)" in text
+    assert "recipient" not in text  # no recipient arm: no line about one
+    with_recipient = markdown({**r, "recipient_drop": 0.04, "recipient_within_margin": True})
+    assert "UF1 drop against the lab's own +0.0400 (margin 0.1: within)" in with_recipient
     assert "pixel by pixel (motion=dense)" in markdown({**r, "motion": "dense"})
 
 

@@ -14,6 +14,10 @@
   ``deidentify.compare_motion: M`` / ``compare_density: L`` add the own-face and de-identified
   arms made the other way too (``arm`` ``own_face@M``, ``deidentified@densityL``; same trained
   recogniser).
+- **Recipient** (``deidentify.recipient``, default true): what a lab given only the
+  de-identified clips can learn: the same recogniser, folds and schedule trained *and* tested on
+  the de-identified clips (``arm="recipient"``); its UF1 against the originals' is the cost of
+  sharing without faces, with ``recipient_within_margin``.
 - **Removed (identity)**: an LBPH face recogniser (:mod:`mer.data.generate.identity`) trained
   on the onset and apex frames of part of each subject's original clips
   (``deidentify.identity.train_fraction``), asked who is on the apex frames of the other clips,
@@ -136,8 +140,17 @@ def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
     pred["deidentified"] = np.concatenate(
         [both.meta["deidentified"].to_numpy(bool)[f.test_idx] for f in folds])
     pred["arm"] = np.concatenate([both.meta["arm"].to_numpy()[f.test_idx] for f in folds])
-    write_csv(pred, run_dir / "predictions.csv")
     names = ["original", *[a.meta["arm"].iloc[0] for a in arms]]
+    if d.get("recipient", True):  # what a lab receiving only de-identified clips can learn
+        prepare_inputs(OmegaConf.to_container(cfg.model, resolve=True), deid)
+        plain = make_folds(samples, cfg.protocol, int(cfg.seed))  # row i <-> row i
+        got = run_folds(deid, plain, training_spec(cfg, run_dir / "logs_recipient"),
+                        workers=cfg.protocol.workers, show_progress=bool(cfg.progress))
+        rec = pooled_predictions(deid, plain, got)
+        rec["deidentified"], rec["arm"] = True, "recipient"
+        pred = pd.concat([pred, rec], ignore_index=True)
+        names.append("recipient")
+    write_csv(pred, run_dir / "predictions.csv")
     scores = {name: score_predictions(pred[pred["arm"] == name], samples.class_names)
               for name in names}
     # identity leakage
@@ -168,6 +181,7 @@ def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
     o, dd = scores["original"]["overall"], scores["deidentified"]["overall"]
     margin = float(d.get("margin", 0.1))
     own = scores.get("own_face", {}).get("overall")
+    rc = scores.get("recipient", {}).get("overall")
     split = None if own is None else {  # the drop, in two parts
         "motion_transfer": o["uf1"] - own["uf1"], "identity_change": own["uf1"] - dd["uf1"]}
     report = {
@@ -181,6 +195,8 @@ def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
         "recognition": {k: v["overall"] for k, v in scores.items()},
         "uf1_drop": o["uf1"] - dd["uf1"], "margin": margin,
         "within_margin": bool(o["uf1"] - dd["uf1"] <= margin),
+        "recipient_drop": None if rc is None else o["uf1"] - rc["uf1"],
+        "recipient_within_margin": None if rc is None else bool(o["uf1"] - rc["uf1"] <= margin),
         "drop_split": split,
         "identity": {"classifier": "LBPH (cv2.face)", "subjects": n_subjects,
                      "train_images": len(images), "test_clips": int(len(te)),
@@ -214,6 +230,11 @@ def markdown(r: dict) -> str:
           for k, m in rec.items()], "",
         f"UF1 drop {r['uf1_drop']:+.4f} (margin {r['margin']}: "
         f"{'within' if r['within_margin'] else 'NOT within'}).", "",
+        *([f"A recipient of the de-identified clips only (recipient: the same recogniser and "
+           f"folds trained and tested on de-identified clips): UF1 drop against the lab's own "
+           f"{r['recipient_drop']:+.4f} (margin {r['margin']}: "
+           f"{'within' if r['recipient_within_margin'] else 'NOT within'}).", ""]
+          if r.get("recipient_drop") is not None else []),
         *([f"Of it, motion transfer (original -> own_face) {split['motion_transfer']:+.4f}, "
            f"identity change (own_face -> deidentified) {split['identity_change']:+.4f}.", ""]
           if split else []),

@@ -3,7 +3,7 @@ joined to ``mer.config_check.RULES`` so that ``mer.run`` checks them before any 
 
 from __future__ import annotations
 
-from mer.config_rules import POS_INT, Int, ListOf, Num, OneOf, Prob, Rule, Text
+from mer.config_rules import POS_INT, Bool, Int, ListOf, Num, OneOf, Prob, Rule, Text
 
 # data configs inside other keys (as mer.config_check.DATA_ELSEWHERE: a pretraining set)
 DATA_ELSEWHERE = ("model.pretrain.data",)
@@ -41,6 +41,8 @@ RULES: tuple[Rule, ...] = _DATA + tuple(  # a data config elsewhere (a pretraini
     Rule("deidentify.margin", Num(lo=0, eg=0.1), "allowed UF1 drop on de-identified clips"),
     Rule("deidentify.controls", ListOf(item=OneOf(choices=("own_face",))),
          "control arms: own_face re-renders each clip on its own face (identity kept)"),
+    Rule("deidentify.recipient", Bool(),
+         "also train and test the recogniser on the de-identified clips alone (a recipient)"),
     Rule("deidentify.density", Int(1), "control points per landmark triangle: 1 the centroid, "
          "L the L(L+1)/2 inner points of its L-fold subdivision"),
     Rule("deidentify.motion", OneOf(choices=("tps", "dense")),
