@@ -84,11 +84,19 @@ def test_deidentify_onto_a_users_face_runs_end_to_end(face_png, tmp_path):
     report = json.loads((tmp_path / "deidentify.json").read_text())
     assert report["new_faces"] == ["image:my face.png"] and report["synthetic"] is True
     assert report["identity"]["test_clips"] > 0
-    assert ["original", "own_face", "deidentified"] == list(report["recognition"])
+    assert ["original", "own_face", "deidentified", "recipient"] == list(report["recognition"])
+    assert report["recipient_drop"] == pytest.approx(
+        report["recognition"]["original"]["uf1"] - report["recognition"]["recipient"]["uf1"])
     assert "| de-identified |" in (tmp_path / "deidentify.md").read_text()
     pred = pd.read_csv(tmp_path / "predictions.csv")
-    assert pred["deidentified"].sum() == (pred["arm"] == "own_face").sum() == \
-        (pred["arm"] == "original").sum() > 0
+    n = (pred["arm"] == "original").sum()
+    assert n > 0 and all((pred["arm"] == a).sum() == n
+                         for a in ("own_face", "deidentified", "recipient"))
+    assert pred["deidentified"].sum() == 2 * n  # the de-identified arm and the recipient's
+    # the recipient tested the same clips as the lab did
+    key = ["subject", "clip"]
+    assert sorted(map(tuple, pred[pred["arm"] == "recipient"][key].values)) == \
+        sorted(map(tuple, pred[pred["arm"] == "original"][key].values))
     # the re-rendered clips show the user's face: each one's onset is that image, fitted
     made = [d.parent for d in (Path(cfg.paths.cache_dir) / "deidentified").glob("*/.done")
             if json.loads(d.read_text())["source"] == "face:image:my face.png"]
