@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,11 @@ def annotation_sheet():
         return path
 
     return get
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started as a background job (``pytest &``, nohup) inherits an ignored SIGINT,
+    which mer rightly keeps ignored; the Ctrl-C tests play a foreground terminal, so they get
+    Python's own SIGINT handler back (and their subprocesses the default action)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
