@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -31,3 +32,13 @@ def pytest_configure(config: pytest.Config) -> None:
     Python's own SIGINT handler back (and their subprocesses the default action)."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under pytest-xdist each test process computes with one thread (and so do the processes
+    it starts): two processes on two cores, not four threads fighting over them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(1)

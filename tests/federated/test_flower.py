@@ -512,11 +512,12 @@ def cache(tmp_path_factory, monkeypatch):
 def test_real_flower_processes_give_the_in_process_model(tmp_path, cache):
     """FedAvg, 3 clients, 2 rounds: flower-superlink + 3 flower-supernode + flwr run on
     127.0.0.1 give the in-process loop's global model. Over TLS with authenticated
-    SuperNodes (README's worked example); a SuperNode with an unregistered key is refused."""
+    SuperNodes and warm workers (README's worked example); a SuperNode with an unregistered
+    key is refused. (A ClientApp process per message: the killed-SuperNode test.)"""
     from mer.federated.flower_local import LocalFederation
 
     expected = _in_process_weights(OVERRIDES)  # (also fills the data cache for the nodes)
-    with LocalFederation(tmp_path / "flower", clients=3, secure=True) as fed:
+    with LocalFederation(tmp_path / "flower", clients=3, secure=True, worker_idle_s=WARM) as fed:
         rogue = fed.start_unregistered_supernode(partition_id=0)
         run_id = fed.submit({"overrides": OVERRIDES, "out-dir": str(tmp_path / "out")})
         status = fed.wait(run_id, timeout_s=900)
