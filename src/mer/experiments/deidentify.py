@@ -230,14 +230,14 @@ def markdown(r: dict) -> str:
           for k, m in rec.items()], "",
         f"UF1 drop {r['uf1_drop']:+.4f} (margin {r['margin']}: "
         f"{'within' if r['within_margin'] else 'NOT within'}).", "",
+        *([f"Of it, motion transfer (original -> own_face) {split['motion_transfer']:+.4f}, "
+           f"identity change (own_face -> deidentified) {split['identity_change']:+.4f}.", ""]
+          if split else []),
         *([f"A recipient of the de-identified clips only (recipient: the same recogniser and "
            f"folds trained and tested on de-identified clips): UF1 drop against the lab's own "
            f"{r['recipient_drop']:+.4f} (margin {r['margin']}: "
            f"{'within' if r['recipient_within_margin'] else 'NOT within'}).", ""]
           if r.get("recipient_drop") is not None else []),
-        *([f"Of it, motion transfer (original -> own_face) {split['motion_transfer']:+.4f}, "
-           f"identity change (own_face -> deidentified) {split['identity_change']:+.4f}.", ""]
-          if split else []),
         f"Identity ({idn['classifier']}, {idn['subjects']} subjects, trained on "
         f"{idn['train_images']} original frames, tested on the apex frames of "
         f"{idn['test_clips']} held-out clips):", "",
