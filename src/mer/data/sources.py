@@ -77,7 +77,7 @@ def _synme_lv_sources(data_cfg: DictConfig, cache_dir: Path) -> tuple[list[dict]
     from mer.data.synthetic_lv import SAMM_MICRO_SHEET, ensure_synme_lv
 
     syn = synme_lv_config(data_cfg)
-    root = ensure_synme_lv(syn, Path(cache_dir) / "synme_lv", workers=_workers(data_cfg))
+    root = ensure_synme_lv(syn, Path(cache_dir) / "synme_lv", workers=data_workers(data_cfg))
     calls = [{"database": spec.name, "reader": spec.layout, "root": root / spec.name,
               "sheet": None, "fps": float(spec.fps), "synthetic_meta": str(root / spec.name),
               "options": {"micro_sheet": root / spec.name / SAMM_MICRO_SHEET}
@@ -107,7 +107,7 @@ def read_tables(data_cfg: DictConfig, cache_dir: Path) -> tuple[pd.DataFrame, li
         from mer.data.synthetic import ensure_synme
 
         syn = synme_config(data_cfg)
-        root = ensure_synme(syn, Path(cache_dir) / "synme", workers=_workers(data_cfg))
+        root = ensure_synme(syn, Path(cache_dir) / "synme", workers=data_workers(data_cfg))
         tables, skipped = [], []
         for spec in syn.databases:
             t, s = read_casme2(root / spec.name, database=spec.name, on_error=on_error)
@@ -185,10 +185,10 @@ def load_samples(data_cfg: DictConfig, cache_dir: str | Path,
     params = FlowParams(**_container(data_cfg.flow))
     if full:
         x, kept, failures, landmarks, provenance["prepare"] = prepared_images(
-            table, data_cfg, cache_dir, _workers(data_cfg), data_cfg.get("on_error", "raise"))
+            table, data_cfg, cache_dir, data_workers(data_cfg), data_cfg.get("on_error", "raise"))
     else:
         x, kept, failures = flow_images(
-            table, params, FlowCache(Path(cache_dir) / "flow"), workers=_workers(data_cfg),
+            table, params, FlowCache(Path(cache_dir) / "flow"), workers=data_workers(data_cfg),
             on_error=data_cfg.get("on_error", "raise"))
     excluded += failures
     meta = table.iloc[np.asarray(kept, dtype=np.int64)].reset_index(drop=True)
@@ -365,7 +365,8 @@ def _root(data_cfg: DictConfig) -> Path:
     return root
 
 
-def _workers(data_cfg: DictConfig) -> int:
+def data_workers(data_cfg: DictConfig) -> int:
+    """``data.workers`` as a number of processes (``auto``: one per CPU)."""
     import os
 
     w = data_cfg.get("workers", "auto")

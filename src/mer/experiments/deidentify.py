@@ -79,7 +79,7 @@ def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
     from mer.data.generate.errors import GenerationError
     from mer.data.generate.generator import GenerateParams
     from mer.data.generate.identity import IdentityClassifier, face_image
-    from mer.data.sources import load_samples
+    from mer.data.sources import data_workers, load_samples
     from mer.engine.build import prepare_inputs
     from mer.engine.protocols import Fold, run_folds
     from mer.engine.report import score_predictions, write_csv
@@ -111,9 +111,10 @@ def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
                             density=density, motion=motion)
     store: dict = {}  # each clip's driving flows, computed once for every arm
     show = bool(cfg.progress)
+    workers = data_workers(cfg.data)  # the clips' driving flows and renders, in parallel
     deid = deidentify(samples, faces, params, cache, seed=int(cfg.seed), progress=show,
-                      flow_store=store)
-    arms = [own_face(samples, params, cache, progress=show, flow_store=store)
+                      flow_store=store, workers=workers)
+    arms = [own_face(samples, params, cache, progress=show, flow_store=store, workers=workers)
             for _ in controls] + [deid]
     variants = []  # the same arms made another way, tested by the same trained recogniser
     if d.get("compare_density") is not None and int(d.compare_density) != density:
@@ -122,10 +123,11 @@ def run_deidentify(cfg: DictConfig, run_dir: Path) -> dict:
     if d.get("compare_motion") is not None and str(d.compare_motion) != motion:
         variants.append((str(d.compare_motion), replace(params, motion=str(d.compare_motion))))
     for tag, other in variants:
-        for arm in [own_face(samples, other, cache, progress=show, flow_store=store)
+        for arm in [own_face(samples, other, cache, progress=show, flow_store=store,
+                             workers=workers)
                     for _ in controls] + [deidentify(samples, faces, other, cache,
                                                      seed=int(cfg.seed), progress=show,
-                                                     flow_store=store)]:
+                                                     flow_store=store, workers=workers)]:
             arm.meta["arm"] = f"{arm.meta['arm'].iloc[0]}@{tag}"
             arms.append(arm)
     n = len(samples.meta)

@@ -204,33 +204,29 @@ def generate_for_folds(samples: FlowSamples, folds: list, k_per_clip: int,
         for item in plan:
             unique.setdefault((item[0], item[2], item[3]), len(unique))
     gen = DrivenGenerator(clips, params, Path(cache_dir) / "generated", samples.class_names)
+    made = gen.generate_many([(ids[t], ids[s], [ids[d] for d in drv]) for (t, s, drv) in unique],
+                             workers, progress)
     rows, records = [], []
-    from rich.progress import Progress
-
-    with Progress(transient=True, disable=not progress) as bar:
-        job = bar.add_task("generating driven sequences", total=len(unique))
-        for (t, s, drv) in unique:
-            rec = gen.generate(ids[t], ids[s], [ids[d] for d in drv])
-            src_meta = meta.iloc[s]
-            tgt = meta.iloc[t]
-            used = sorted({meta["subject_key"].iloc[i] for i in (s, *drv)})
-            rows.append({
-                "database": src_meta["database"], "subject": src_meta["subject"],
-                "clip": f"gen_{rec['key'][:12]}", "label": int(tgt["label"]),
-                "emotion": tgt.get("emotion", ""), "au_raw": tgt.get("au_raw", ""),
-                "aus": tgt.get("aus", ()), "onset": rec["onset"], "apex": rec["apex"],
-                "apex_estimated": False, "has_aus": bool(tgt.get("has_aus", False)),
-                "subject_key": src_meta["subject_key"], "generated": True,
-                "source": ids[s], "drivers": ";".join(ids[d] for d in drv),
-                "target": ids[t], "from_subjects": ";".join(used),
-            })
-            records.append({"database": src_meta["database"], "subject": src_meta["subject"],
-                            "clip": rows[-1]["clip"], "onset": rec["onset"],
-                            "apex": rec["apex"], "offset": rec["offset"],
-                            "onset_path": rec["onset_path"],
-                            "fps": generated_fps(clips[ids[t]], params.frames)})
-            rows[-1]["apex_path"] = rec["apex_path"]
-            bar.advance(job)
+    for (t, s, drv), rec in zip(unique, made, strict=True):
+        src_meta = meta.iloc[s]
+        tgt = meta.iloc[t]
+        used = sorted({meta["subject_key"].iloc[i] for i in (s, *drv)})
+        rows.append({
+            "database": src_meta["database"], "subject": src_meta["subject"],
+            "clip": f"gen_{rec['key'][:12]}", "label": int(tgt["label"]),
+            "emotion": tgt.get("emotion", ""), "au_raw": tgt.get("au_raw", ""),
+            "aus": tgt.get("aus", ()), "onset": rec["onset"], "apex": rec["apex"],
+            "apex_estimated": False, "has_aus": bool(tgt.get("has_aus", False)),
+            "subject_key": src_meta["subject_key"], "generated": True,
+            "source": ids[s], "drivers": ";".join(ids[d] for d in drv),
+            "target": ids[t], "from_subjects": ";".join(used),
+        })
+        records.append({"database": src_meta["database"], "subject": src_meta["subject"],
+                        "clip": rows[-1]["clip"], "onset": rec["onset"],
+                        "apex": rec["apex"], "offset": rec["offset"],
+                        "onset_path": rec["onset_path"],
+                        "fps": generated_fps(clips[ids[t]], params.frames)})
+        rows[-1]["apex_path"] = rec["apex_path"]
     table = pd.DataFrame(rows)
     flow_table = pd.DataFrame(records).assign(apex_path=table["apex_path"].to_numpy())
     x_gen, found, matrices = generated_flow(samples, flow_table, cache_dir, dict(params.flow),
@@ -283,10 +279,9 @@ def fold_augmenter(data_cfg, cache_dir: str | Path, seed: int, progress: bool = 
                             frames=int(aug.get("frames", 9)),
                             fusion=str(aug.get("fusion", "median")), flow=flow,
                             motion=str(aug.get("motion", "tps")))
-    w = data_cfg.get("workers", "auto")
-    import os
+    from mer.data.sources import data_workers
 
-    workers = (os.cpu_count() or 1) if w == "auto" else int(w)
+    workers = data_workers(data_cfg)
 
     def augment(samples: FlowSamples, folds: list) -> tuple[FlowSamples, list]:
         return generate_for_folds(samples, folds, k, params, cache_dir, seed, workers, progress)

@@ -18,6 +18,7 @@ new face changes.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -96,8 +97,11 @@ def _fitted(face: Face, width: int, height: int, grey: bool, folder: Path) -> Cl
     tag = hashlib.sha256(face.name.encode()).hexdigest()[:12]
     path = folder / f"{tag}_{width}x{height}{'g' if grey else 'c'}" / "img1.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        cv2.imwrite(str(path), img)
+    if not path.exists():  # written whole, then moved into place: never half a face
+        part = path.with_name(f"part-{os.getpid()}.png")
+        if not cv2.imwrite(str(part), img):
+            raise OSError(f"could not write the fitted face {part}")
+        os.replace(part, path)
     lm = (face.landmarks + 0.5) * [sx, sy] - 0.5
     return Clip(f"face:{face.name}", f"face:{face.name}", -1, str(path), 1, 1, -1, lm)
 
@@ -150,32 +154,30 @@ def _rerender(samples: FlowSamples, faces: list[Face] | None, params: GeneratePa
     out_dir = Path(cache_dir) / "deidentified"
     gen = DrivenGenerator(clips, replace(params, drivers=1), out_dir, samples.class_names,
                           flow_store=flow_store)
+    jobs = []
+    for i, cid in enumerate(ids):
+        if own:
+            jobs.append((cid, cid, [cid]))
+            continue
+        img = cv2.imread(clips[cid].onset_path, cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise GenerationError(f"clip {cid}: onset frame {clips[cid].onset_path} "
+                                  "cannot be read")
+        face = _fitted(assigned[keys[i]], img.shape[1], img.shape[0], img.ndim == 2,
+                       out_dir / "faces")
+        gen.clips[face.id] = face
+        jobs.append((cid, face.id, [cid]))
+    made = gen.generate_many(jobs, workers, progress, "re-rendering clips on their own faces"
+                             if own else "de-identifying clips")
     rows, records = [], []
-    from rich.progress import Progress
-
-    with Progress(transient=True, disable=not progress) as bar:
-        job = bar.add_task("re-rendering clips on their own faces" if own else
-                           "de-identifying clips", total=len(ids))
-        for i, cid in enumerate(ids):
-            if own:
-                rec = gen.generate(cid, cid, [cid])
-            else:
-                img = cv2.imread(clips[cid].onset_path, cv2.IMREAD_UNCHANGED)
-                if img is None:
-                    raise GenerationError(f"clip {cid}: onset frame {clips[cid].onset_path} "
-                                          "cannot be read")
-                face = _fitted(assigned[keys[i]], img.shape[1], img.shape[0], img.ndim == 2,
-                               out_dir / "faces")
-                gen.clips[face.id] = face
-                rec = gen.generate(cid, face.id, [cid])
-            rows.append({"database": samples.meta["database"].iloc[i],
-                         "subject": samples.meta["subject"].iloc[i],
-                         "clip": samples.meta["clip"].iloc[i], "onset_path": rec["onset_path"],
-                         "apex_path": rec["apex_path"]})
-            records.append({**rows[-1], "onset": rec["onset"], "apex": rec["apex"],
-                            "offset": rec["offset"], "fps": generated_fps(clips[cid],
-                                                                          params.frames)})
-            bar.advance(job)
+    for i, (cid, rec) in enumerate(zip(ids, made, strict=True)):
+        rows.append({"database": samples.meta["database"].iloc[i],
+                     "subject": samples.meta["subject"].iloc[i],
+                     "clip": samples.meta["clip"].iloc[i], "onset_path": rec["onset_path"],
+                     "apex_path": rec["apex_path"]})
+        records.append({**rows[-1], "onset": rec["onset"], "apex": rec["apex"],
+                        "offset": rec["offset"], "fps": generated_fps(clips[cid],
+                                                                      params.frames)})
     # the originals' flow path: whole frames, or mer.prepare's pipeline (aligned crops)
     x, found, matrices = generated_flow(samples, pd.DataFrame(records), cache_dir,
                                         dict(params.flow), workers, progress)

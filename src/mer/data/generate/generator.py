@@ -118,9 +118,12 @@ class DrivenGenerator:
             self._landmarks[clip_id] = clip_landmarks(clip, self.detector)
         return self._landmarks[clip_id]
 
+    def _flow_key(self, clip_id: str) -> tuple:
+        return (clip_id, self.params.phases, json.dumps(self.params.flow, sort_keys=True,
+                                                        default=str))
+
     def flows(self, clip_id: str) -> np.ndarray:
-        key = (clip_id, self.params.phases, json.dumps(self.params.flow, sort_keys=True,
-                                                       default=str))
+        key = self._flow_key(clip_id)
         if key not in self._flows:
             threads = cv2.getNumThreads()
             cv2.setNumThreads(1)  # as the preprocessing workers: same flows, no contention
@@ -157,21 +160,29 @@ class DrivenGenerator:
             self._sha[clip_id] = file_sha256(self.clips[clip_id].onset_path)
         return self._sha[clip_id]
 
-    def generate(self, target: str, source: str, drivers: list[str]) -> dict:
-        """Render the motion of ``drivers`` (fused) on the face of clip ``source``'s onset frame.
-
-        Returns:
-            {"folder", "onset_path", "apex_path", "onset", "apex", "offset", "key"}: the clip
-            in the CASME II frame layout (``img1.jpg``..), onset 1, apex in the middle.
-        """
+    def record(self, target: str, source: str, drivers: list[str]) -> dict:
+        """Where :meth:`generate` writes this sequence (nothing is rendered): {"folder",
+        "onset_path", "apex_path", "onset", "apex", "offset", "key"}; the key is the content
+        (settings, clip ids and their onset frames' bytes)."""
         key = hashlib.sha256(json.dumps(
             [VERSION, self.params.key(), target, source, drivers, self._frame_sha(source),
              [self._frame_sha(d) for d in drivers]]).encode()).hexdigest()[:20]
         folder = self.out_dir / key
         n = self.params.frames
-        record = {"folder": str(folder), "onset_path": str(folder / "img1.jpg"),
-                  "apex_path": str(folder / f"img{(n + 1) // 2}.jpg"), "onset": 1,
-                  "apex": (n + 1) // 2, "offset": n, "key": key}
+        return {"folder": str(folder), "onset_path": str(folder / "img1.jpg"),
+                "apex_path": str(folder / f"img{(n + 1) // 2}.jpg"), "onset": 1,
+                "apex": (n + 1) // 2, "offset": n, "key": key}
+
+    def generate(self, target: str, source: str, drivers: list[str]) -> dict:
+        """Render the motion of ``drivers`` (fused) on the face of clip ``source``'s onset frame.
+
+        Returns:
+            :meth:`record`: the clip in the CASME II frame layout (``img1.jpg``..), onset 1,
+            apex in the middle.
+        """
+        record = self.record(target, source, drivers)
+        folder = Path(record["folder"])
+        n = self.params.frames
         if (folder / DONE).exists():
             check_classes(self.clips[target], [self.clips[d] for d in drivers], self.class_names)
             return record
@@ -192,3 +203,67 @@ class DrivenGenerator:
         (folder / DONE).write_text(json.dumps({"target": target, "source": source,
                                                "drivers": drivers}))
         return record
+
+    def generate_many(self, jobs: list[tuple[str, str, list[str]]], workers: int = 0,
+                      progress: bool = True, label: str = "generating driven sequences"
+                      ) -> list[dict]:
+        """:meth:`generate` for each ``(target, source, drivers)`` job; records in job order.
+
+        Every job's classes are checked before anything is rendered. With ``workers > 1`` the
+        driving flows still missing, then the renders, run in a pool of image workers (one
+        OpenCV / torch thread each); the flows come back into this generator's store (shared
+        with other arms). A sequence already on disk is not redone, and each one is final only
+        when its ``.done`` is written, so an interrupted run resumes where it stopped.
+        """
+        from rich.progress import Progress
+
+        for target, _, drivers in jobs:
+            check_classes(self.clips[target], [self.clips[d] for d in drivers],
+                          self.class_names)
+        records = [self.record(*job) for job in jobs]
+        todo = list({rec["key"]: job for job, rec in zip(jobs, records, strict=True)
+                     if not (Path(rec["folder"]) / DONE).exists()}.values())
+        with Progress(transient=True, disable=not progress) as bar:
+            if workers <= 1 or len(todo) < 2:
+                task = bar.add_task(label, total=len(jobs))
+                for job in jobs:
+                    self.generate(*job)
+                    bar.advance(task)
+                return records
+            from mer.data.workers import image_pool
+
+            missing = sorted({d for _, _, drivers in todo for d in drivers
+                              if self._flow_key(d) not in self._flows})
+            with image_pool(min(workers, len(todo))) as pool:
+                task = bar.add_task("driving flows", total=len(missing))
+                args = [(self.clips[c], self.phases, self.params.flow) for c in missing]
+                for clip_id, flows in zip(missing, pool.imap(_driving_flows, args),
+                                          strict=True):
+                    self._flows[self._flow_key(clip_id)] = flows
+                    bar.advance(task)
+                task = bar.add_task(label, total=len(todo))
+                for _ in pool.imap_unordered(_render, [self._render_job(j) for j in todo]):
+                    bar.advance(task)
+        return records
+
+    def _render_job(self, job: tuple[str, str, list[str]]) -> tuple:
+        """What a worker needs to render ``job`` alone: the clips (landmarks found here, once)
+        and the drivers' flows."""
+        from dataclasses import replace
+
+        target, source, drivers = job
+        clips = {c: replace(self.clips[c], landmarks=self.landmarks(c))
+                 for c in dict.fromkeys([target, source, *drivers])}
+        flows = {self._flow_key(d): self.flows(d) for d in drivers}
+        return self.params, self.out_dir, self.class_names, clips, flows, job
+
+
+def _driving_flows(args: tuple) -> np.ndarray:
+    """In a worker: :func:`driving_flows` of one clip."""
+    return driving_flows(*args)
+
+
+def _render(args: tuple) -> dict:
+    """In a worker: one :meth:`DrivenGenerator.generate`, from :meth:`_render_job`."""
+    params, out_dir, class_names, clips, flows, job = args
+    return DrivenGenerator(clips, params, out_dir, class_names, flow_store=flows).generate(*job)

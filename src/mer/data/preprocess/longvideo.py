@@ -1038,10 +1038,10 @@ def prepare_long_videos(data_cfg: Any, cache_dir: str | Path, workers: int | Non
 
     ``workers`` defaults to ``data.workers``, ``on_error`` to ``data.on_error``.
     """
-    from mer.data.sources import _workers, load_intervals
+    from mer.data.sources import data_workers, load_intervals
 
     on_error = on_error or data_cfg.get("on_error", "raise")
-    workers = _workers(data_cfg) if workers is None else workers
+    workers = data_workers(data_cfg) if workers is None else workers
     params = LongVideoParams.from_data_cfg(data_cfg)
     lv = load_intervals(data_cfg, cache_dir)
     features, problems, stats = prepare_videos(lv.videos, params, cache_dir, workers, on_error,
