@@ -104,6 +104,8 @@ def markdown(report: dict) -> str:
                   "| flow of the driven clip vs | EPE px |", "|---|---|",
                   f"| the fused driving motion it was asked to render | "
                   f"{m['epe_vs_intended']:.3f} |",
+                  f"| (zero flow vs the fused driving motion: no motion at all) | "
+                  f"{m['epe_zero_vs_intended']:.3f} |",
                   f"| the true fused motion (SynME truth) | {m['epe_vs_true_fused']:.3f} |",
                   f"| (intended vs true fused motion) | {m['epe_intended_vs_true']:.3f} |",
                   f"| (zero flow vs true fused motion: no motion at all) | "

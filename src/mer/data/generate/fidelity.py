@@ -11,7 +11,7 @@ optical flow of a generated clip (onset -> apex, the data's flow method) against
 
 over the source face (the convex hull of its landmarks). For scale: the EPE of the drivers'
 own flow against their true fields (how well the flow method sees a real SynME clip), and of a
-zero flow against the true fused motion (no motion at all).
+zero flow against the intended and the true fused motion (no motion at all).
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ def motion_fidelity(samples: FlowSamples, n: int, drivers: int, flow: dict,
                      "epe_vs_intended": epe(f_gen, f_int, mask),
                      "epe_vs_true_fused": epe(f_gen, f_true, mask),
                      "epe_intended_vs_true": epe(f_int, f_true, mask),
+                     "epe_zero_vs_intended": epe(np.zeros_like(f_int), f_int, mask),
                      "epe_zero_vs_true": epe(np.zeros_like(f_true), f_true, mask),
                      "epe_drivers_flow_vs_true": float(np.mean(drv_epe)),
                      "true_peak_px": float(np.linalg.norm(f_true[mask], axis=-1).max())})
