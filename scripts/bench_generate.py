@@ -14,6 +14,8 @@ need idle cores: the load average is printed before and after.
 
     python scripts/bench_generate.py                       # default SynME, 60 clips
     python scripts/bench_generate.py --preset tiny --clips 12 --workers 2
+    farm-bench -n 3 --vs 'python scripts/bench_generate.py --only one' -- \
+        python scripts/bench_generate.py --only pool      # whole processes, paired
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=60)
     parser.add_argument("--drivers", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--only", choices=["one", "pool"], default=None,
+                        help="run just one process or just the pool (to time from outside)")
     args = parser.parse_args()
 
     from hydra import compose, initialize_config_dir
@@ -60,15 +64,19 @@ def main() -> None:
           f"load average before {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         timings, made = {}, {}
-        for name, workers, folder in (("one process", 1, "one"),
-                                      (f"pool of {args.workers}", args.workers, "pool"),
-                                      ("done (pool)", args.workers, "pool")):
+        runs = [("one process", 1, "one"), (f"pool of {args.workers}", args.workers, "pool"),
+                ("done (pool)", args.workers, "pool")]
+        if args.only:
+            runs = [runs[0] if args.only == "one" else runs[1]]
+        for name, workers, folder in runs:
             gen = DrivenGenerator(clips, params, Path(tmp) / folder, samples.class_names)
             start = time.perf_counter()
             made[name] = gen.generate_many(jobs, workers=workers, progress=False)
             timings[name] = time.perf_counter() - start
             print(f"{name:>14}: {timings[name]:8.1f} s  {len(jobs) / timings[name]:7.2f} "
                   "sequences/s")
+        if args.only:
+            return
         worst = 0
         for a, b in zip(made["one process"], made[f"pool of {args.workers}"], strict=True):
             for k in range(1, params.frames + 1):
