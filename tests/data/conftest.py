@@ -1,4 +1,5 @@
-"""Helpers to build database trees in their real layouts: tiny frames and annotation sheets."""
+"""Helpers to build database trees in their real layouts (tiny frames and annotation sheets),
+and SynME tiny as generation tests use it."""
 
 from __future__ import annotations
 
@@ -50,3 +51,23 @@ class TreeBuilder:
 @pytest.fixture
 def build() -> TreeBuilder:
     return TreeBuilder()
+
+
+@pytest.fixture(scope="module")
+def synme_tiny():
+    """SynME tiny's samples (labs tinyA and tinyB), from the default cache."""
+    from hydra import compose, initialize_config_dir
+
+    from mer.data.sources import load_samples
+    from mer.run import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["data.preset=tiny", "data.workers=0",
+                                           "progress=false"])
+    return load_samples(cfg.data, cfg.paths.cache_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_a(synme_tiny):
+    """SynME tiny's colour database tinyA (4 subjects x 3 clips)."""
+    return synme_tiny.subset(np.flatnonzero(synme_tiny.meta["database"].to_numpy() == "tinyA"))

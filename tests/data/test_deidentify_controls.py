@@ -26,16 +26,6 @@ def _compose(*overrides: str):
                                             "progress=false", *overrides])
 
 
-@pytest.fixture(scope="module")
-def tiny_a():
-    """SynME tiny's colour database (4 subjects x 3 clips), from the default cache."""
-    from mer.data.sources import load_samples
-
-    cfg = _compose()
-    s = load_samples(cfg.data, cfg.paths.cache_dir)
-    return s.subset(np.flatnonzero(s.meta["database"].to_numpy() == "tinyA"))
-
-
 def test_own_face_arm_starts_on_each_clips_own_onset_and_is_marked(tiny_a, tmp_path):
     params = GenerateParams(drivers=1, phases=3, frames=5)
     own = own_face(tiny_a, params, tmp_path / "cache", progress=False)

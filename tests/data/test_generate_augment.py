@@ -23,17 +23,6 @@ MAGENTA = np.array([255, 0, 255])  # BGR: a colour no SynME face or background h
 PARAMS = GenerateParams(drivers=2, phases=3, frames=5)
 
 
-@pytest.fixture(scope="module")
-def tiny_a():
-    """SynME tiny's colour database (4 subjects x 3 clips), from the default cache."""
-    from mer.data.sources import load_samples
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["data.preset=tiny", "data.workers=0"])
-    s = load_samples(cfg.data, cfg.paths.cache_dir)
-    return s.subset(np.flatnonzero(s.meta["database"].to_numpy() == "tinyA"))
-
-
 def _magenta_pixels(image: np.ndarray) -> int:
     return int((np.abs(image.astype(int) - MAGENTA).max(axis=-1) < 40).sum())
 

@@ -7,13 +7,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
 from mer.data.generate.dense import backward_map, dense_motion, face_weight, landmark_map
 from mer.data.generate.errors import GenerationError
 from mer.data.generate.generator import GenerateParams
 from mer.data.generate.render import render_dense
-from mer.run import CONFIG_DIR
 
 
 def _face(scale: float = 1.0, shift=(0.0, 0.0)) -> np.ndarray:
@@ -117,17 +115,6 @@ def test_motion_is_checked_and_tps_keeps_the_old_cache_key():
         GenerateParams(motion="flow")
     assert "motion" not in GenerateParams().key()
     assert '"motion": "dense"' in GenerateParams(motion="dense").key()
-
-
-@pytest.fixture(scope="module")
-def tiny_a():
-    from mer.data.sources import load_samples
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["data.preset=tiny", "data.workers=0",
-                                           "progress=false"])
-    s = load_samples(cfg.data, cfg.paths.cache_dir)
-    return s.subset(np.flatnonzero(s.meta["database"].to_numpy() == "tinyA"))
 
 
 def test_own_face_dense_keeps_the_clips_flow_better_than_tps(tiny_a, tmp_path):

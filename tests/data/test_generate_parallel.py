@@ -8,25 +8,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 
 from mer.data.generate.augment import clip_ids, clips_of
 from mer.data.generate.errors import GenerationError
 from mer.data.generate.generator import DONE, DrivenGenerator, GenerateParams
-from mer.run import CONFIG_DIR
 
 PARAMS = GenerateParams(drivers=2, phases=3, frames=5)
-
-
-@pytest.fixture(scope="module")
-def tiny_a():
-    """SynME tiny's colour database (4 subjects x 3 clips), from the default cache."""
-    from mer.data.sources import load_samples
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["data.preset=tiny", "data.workers=0"])
-    s = load_samples(cfg.data, cfg.paths.cache_dir)
-    return s.subset(np.flatnonzero(s.meta["database"].to_numpy() == "tinyA"))
 
 
 def _jobs(samples) -> list[tuple[str, str, list[str]]]:
