@@ -16,11 +16,12 @@ from mer.data.generate.generator import DONE, DrivenGenerator, GenerateParams
 PARAMS = GenerateParams(drivers=2, phases=3, frames=5)
 
 
-def _jobs(samples) -> list[tuple[str, str, list[str]]]:
-    """Each clip driven by itself and another clip of its class, on the next subject's face."""
+def _jobs(samples, n: int = 6) -> list[tuple[str, str, list[str]]]:
+    """The first ``n`` clips, each driven by itself and another clip of its class, on the next
+    subject's face."""
     ids, labels = clip_ids(samples.meta), samples.meta["label"].to_numpy()
     jobs = []
-    for i, cid in enumerate(ids):
+    for i, cid in enumerate(ids[:n]):
         same = [ids[j] for j in np.flatnonzero(labels == labels[i]) if j != i]
         source = ids[(i + 3) % len(ids)]
         jobs.append((cid, source, [cid, *same[:1]]))
